@@ -1,0 +1,144 @@
+"""Checkpoints: `model.safetensors` (student and memory tensors) + `checkpoint.json`.
+
+The JSON holds the full config, the epoch, the metrics, the teacher's identity, the package
+version and the sha256 of the weights file. Loading checks the schema and the hash and never
+unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from memkd_ray import __version__
+from memkd_ray.config import MemKDConfig, from_dict, validate
+from memkd_ray.errors import CheckpointError, ConfigError
+from memkd_ray.model import MemKD, create_memkd
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "checkpoint.json"
+FORMAT_VERSION = 1
+_REQUIRED = {
+    "format_version": int,
+    "config": dict,
+    "epoch": int,
+    "metrics": dict,
+    "teacher": dict,
+    "package_version": str,
+    "sha256": str,
+}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: MemKD,
+    cfg: MemKDConfig,
+    epoch: int,
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically: it appears complete or not at all."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+        save_file(state, staging / WEIGHTS_FILE)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": cfg.to_dict(),
+            "epoch": epoch,
+            "metrics": metrics or {},
+            "teacher": {
+                "name": model.teacher.name,
+                "weights": model.teacher.weights,
+                "mean": model.teacher.mean.flatten().tolist(),
+                "std": model.teacher.std.flatten().tolist(),
+            },
+            "package_version": __version__,
+            "sha256": sha256_file(staging / WEIGHTS_FILE),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return directory
+
+
+@dataclass
+class Checkpoint:
+    directory: Path
+    config: MemKDConfig
+    meta: dict[str, Any]
+    state: dict[str, torch.Tensor]
+
+
+def read_checkpoint(directory: str | Path) -> Checkpoint:
+    """Read and verify a checkpoint directory; CheckpointError names what is wrong."""
+    directory = Path(directory)
+    meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
+    for path in (meta_path, weights_path):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not found (is {directory} a checkpoint directory?)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{meta_path}: not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: top level must be an object")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{meta_path}: field {key!r} missing or not a {kind.__name__}")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: format {meta['format_version']} is newer than "
+                              f"this memkd-ray ({__version__}) reads")
+    actual = sha256_file(weights_path)
+    if actual != meta["sha256"]:
+        raise CheckpointError(
+            f"{weights_path}: sha256 {actual[:12]}... does not match checkpoint.json "
+            f"{meta['sha256'][:12]}... (tampered or truncated)"
+        )
+    try:
+        config = validate(from_dict(meta["config"]))
+    except ConfigError as exc:
+        raise CheckpointError(f"{meta_path}: bad config ({exc})") from None
+    try:
+        state = load_file(weights_path)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{weights_path}: unreadable safetensors ({exc})") from None
+    return Checkpoint(directory, config, meta, state)
+
+
+def load_model(
+    directory: str | Path, device: torch.device | str = "cpu"
+) -> tuple[MemKD, Checkpoint]:
+    """Rebuild the model a checkpoint was trained with and load its weights."""
+    checkpoint = read_checkpoint(directory)
+    model = create_memkd(checkpoint.config)
+    try:
+        model.load_trainable_state_dict(checkpoint.state)
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{checkpoint.directory}: {exc}") from None
+    return model.to(device).eval(), checkpoint

@@ -1,0 +1,19 @@
+"""Errors that the CLI reports as bad usage or bad input (exit code 2, one-line reason)."""
+
+from __future__ import annotations
+
+
+class UserInputError(ValueError):
+    """Bad configuration, bad arguments or bad data; the message names the key or file."""
+
+
+class ConfigError(UserInputError):
+    """A configuration file or override that cannot be used."""
+
+
+class DataError(UserInputError):
+    """A benchmark tree, image or mask that cannot be used."""
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint that is missing, malformed or fails its integrity check."""

