@@ -23,11 +23,14 @@ from safetensors.torch import load_file, save_file
 
 from memkd_ray import __version__
 from memkd_ray.config import MemKDConfig, from_dict, validate
+from memkd_ray.engine import TrainState
 from memkd_ray.errors import CheckpointError, ConfigError
 from memkd_ray.model import MemKD, create_memkd
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
+# Optimiser moments and the exemplar/shuffle RNG: what a resumed run needs beyond the weights.
+STATE_FILE = "training_state.safetensors"
 FORMAT_VERSION = 1
 _REQUIRED = {
     "format_version": int,
@@ -54,14 +57,21 @@ def save_checkpoint(
     cfg: MemKDConfig,
     epoch: int,
     metrics: dict[str, float] | None = None,
+    state: TrainState | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically: it appears complete or not at all."""
+    """Write a checkpoint directory atomically: it appears complete or not at all.
+
+    With `state`, the optimiser, RNG and epoch history are saved too, so that training can
+    resume exactly where it stopped (`restore_training_state`).
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
-        save_file(state, staging / WEIGHTS_FILE)
+        weights = {
+            k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()
+        }
+        save_file(weights, staging / WEIGHTS_FILE)
         meta = {
             "format_version": FORMAT_VERSION,
             "config": cfg.to_dict(),
@@ -77,6 +87,8 @@ def save_checkpoint(
             "sha256": sha256_file(staging / WEIGHTS_FILE),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if state is not None:
+            meta["training_state"] = _save_training_state(state, staging / STATE_FILE)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
@@ -142,3 +154,51 @@ def load_model(
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{checkpoint.directory}: {exc}") from None
     return model.to(device).eval(), checkpoint
+
+
+def _save_training_state(state: TrainState, path: Path) -> dict[str, Any]:
+    """Tensors to safetensors; the optimiser's param groups and the history to the JSON."""
+    optimizer = state.optimizer.state_dict()
+    tensors = {"rng.generator": state.generator.get_state()}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, values in optimizer["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{param_id}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    save_file(tensors, path)
+    return {
+        "sha256": sha256_file(path),
+        "optimizer_param_groups": optimizer["param_groups"],
+        "optimizer_scalars": scalars,
+        "history": state.history,
+    }
+
+
+def restore_training_state(directory: str | Path, state: TrainState) -> int:
+    """Load weights, optimiser, RNG and history of a checkpoint into `state`; returns the
+    epoch it was taken at."""
+    checkpoint = read_checkpoint(directory)
+    saved = checkpoint.meta.get("training_state")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{checkpoint.directory}: holds weights only, no training state")
+    path = checkpoint.directory / STATE_FILE
+    if not path.is_file() or sha256_file(path) != saved.get("sha256"):
+        raise CheckpointError(f"{path}: missing or sha256 mismatch (tampered or truncated)")
+    tensors = load_file(path)
+    per_param: dict[int, dict[str, Any]] = {
+        int(k): dict(v) for k, v in saved["optimizer_scalars"].items()
+    }
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, param_id, name = key.split(".", 2)
+            per_param.setdefault(int(param_id), {})[name] = value
+    state.model.load_trainable_state_dict(checkpoint.state)
+    state.optimizer.load_state_dict(
+        {"state": per_param, "param_groups": saved["optimizer_param_groups"]}
+    )
+    state.generator.set_state(tensors["rng.generator"])
+    state.history = list(saved["history"])
+    state.epoch = checkpoint.meta["epoch"]
+    return state.epoch

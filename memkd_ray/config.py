@@ -25,12 +25,18 @@ from memkd_ray.errors import ConfigError
 @dataclass
 class DataConfig:
     benchmark: str = "mvtec"
-    """Reader of the benchmark layout: `mvtec`, `mpdd` or `synthetic` (MVTec layout)."""
+    """Reader of the benchmark layout: `mvtec`, `mpdd`, `synthetic` (MVTec layout), `visa`,
+    `mvtec3d`, `eyecandies` or `folder` (docs/DATASETS.md)."""
     root: str | None = None
     """Directory holding one sub-directory per category; `--data-root` sets it."""
     categories: list[str] = field(default_factory=list)
     """Categories that `--category all` trains; empty means every category found under root."""
     image_size: int = 256
+    eyecandies_light: int = 0
+    """Eyecandies only: which of the six renders `NNN_image_K.png` to use (0 all spotlights,
+    1-4 one spotlight, 5 global light box); the paper does not say which it used."""
+    folder_test_fraction: float = 0.2
+    """Folder benchmark only: share of `good/` images held out (seeded) for the test split."""
 
 
 @dataclass
@@ -105,6 +111,22 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Ray Train: one worker group per category, data-parallel inside it."""
+
+    workers_per_category: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    """0 trains on CPU; a fraction lets several workers share one GPU."""
+    max_failures: int = 2
+    """Worker-group restarts per category, each resuming from the last checkpoint."""
+    checkpoints_to_keep: int = 2
+    """At least 2: a restore after a hard kill must not find its checkpoint deleted."""
+    max_concurrent_categories: int = 0
+    """0: as many categories at once as the cluster's CPUs/GPUs hold; the rest queue."""
+
+
+@dataclass
 class MemKDConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -113,6 +135,7 @@ class MemKDConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,6 +162,10 @@ def validate(cfg: MemKDConfig) -> MemKDConfig:
     checks = [
         ("data.image_size", cfg.data.image_size >= 32 and cfg.data.image_size % 32 == 0,
          "must be a multiple of 32, at least 32"),
+        ("data.eyecandies_light", 0 <= cfg.data.eyecandies_light <= 5,
+         "must be 0..5 (the Eyecandies render index K of NNN_image_K.png)"),
+        ("data.folder_test_fraction", 0 < cfg.data.folder_test_fraction < 1,
+         "must be between 0 and 1 (exclusive)"),
         ("memory.items", len(cfg.memory.items) == 3 and all(n >= 0 for n in cfg.memory.items),
          "must list three non-negative item counts"),
         ("memory.temperature", cfg.memory.temperature > 0, "must be positive"),
@@ -158,6 +185,16 @@ def validate(cfg: MemKDConfig) -> MemKDConfig:
         ("train.eval_every", cfg.train.eval_every >= 0, "must be non-negative"),
         ("eval.gaussian_sigma", cfg.eval.gaussian_sigma >= 0, "must be non-negative"),
         ("eval.batch_size", cfg.eval.batch_size >= 1, "must be positive"),
+        ("distributed.workers_per_category", cfg.distributed.workers_per_category >= 1,
+         "must be positive"),
+        ("distributed.cpus_per_worker", cfg.distributed.cpus_per_worker > 0, "must be positive"),
+        ("distributed.gpus_per_worker", cfg.distributed.gpus_per_worker >= 0,
+         "must be non-negative"),
+        ("distributed.max_failures", cfg.distributed.max_failures >= 0, "must be non-negative"),
+        ("distributed.checkpoints_to_keep", cfg.distributed.checkpoints_to_keep >= 2,
+         "must be at least 2"),
+        ("distributed.max_concurrent_categories", cfg.distributed.max_concurrent_categories >= 0,
+         "must be non-negative"),
     ]
     for key, ok, reason in checks:
         if not ok:

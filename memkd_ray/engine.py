@@ -100,6 +100,21 @@ def exemplar_indices(count: int, exemplars: int, generator: torch.Generator) -> 
     return torch.randperm(count, generator=generator)[:exemplars]
 
 
+class MemKDObjective(torch.nn.Module):
+    """Eq. 11 as a module's forward, so that a data-parallel wrapper (DDP) can sync it."""
+
+    def __init__(self, model: MemKD, cfg: MemKDConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = cfg.loss
+
+    def forward(
+        self, teacher_features: list[torch.Tensor], exemplar_features: list[torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        return self.model.losses(teacher_features, exemplar_features, self.loss.lambda_nm,
+                                 self.loss.lambda_orth, self.loss.orth)
+
+
 def train_one_epoch(
     model: MemKD,
     features: TrainingFeatures,
@@ -107,18 +122,22 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     cfg: MemKDConfig,
     generator: torch.Generator,
+    objective: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """One pass over `batches` (index tensors); returns the mean of each loss term."""
+    """One pass over `batches` (index tensors); returns the mean of each loss term.
+
+    `objective` computes the loss terms; by default `MemKDObjective(model)`, under
+    distributed training the same wrapped for gradient synchronisation.
+    """
     model.train()
+    objective = objective if objective is not None else MemKDObjective(model, cfg)
     totals = dict.fromkeys(LOSS_TERMS, 0.0)
     steps = 0
     for batch in batches:
         exemplars = None
         if model.needs_exemplars(cfg.loss.lambda_nm):
             exemplars = features(exemplar_indices(len(features), cfg.train.exemplars, generator))
-        terms = model.losses(
-            features(batch), exemplars, cfg.loss.lambda_nm, cfg.loss.lambda_orth, cfg.loss.orth
-        )
+        terms = objective(features(batch), exemplars)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()

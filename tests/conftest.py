@@ -36,3 +36,57 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def fast_config(*extra: str) -> MemKDConfig:
     return load_config(CONFIGS / "demo.yaml", [*FAST_OVERRIDES, *extra])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray with 2 logical CPUs, shared by the tests that need one, stopped at the end."""
+    import ray
+
+    ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+S3_SECRET = "memkd-test-secret-7f3a9c"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint on loopback (moto server), with a bucket `memkd-test`.
+
+    The code under test reaches it only through the standard AWS variables.
+    """
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "memkd-test-key",
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="memkd-test")
+    yield client
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()

@@ -91,3 +91,48 @@ def test_save_replaces_atomically_and_leaves_no_staging(saved):
     save_checkpoint(directory, model, fast_config("memory.items=[10,20,30]"), epoch=5)
     assert json.loads((directory / META_FILE).read_text())["epoch"] == 5
     assert sorted(p.name for p in directory.parent.iterdir()) == ["ckpt"]
+
+
+def test_training_state_resumes_exactly(tmp_path: Path, synth_root):
+    """Train 2 epochs straight vs 1 epoch, checkpoint, restore into a fresh state, 1 more."""
+    from memkd_ray.checkpoint import restore_training_state
+    from memkd_ray.data import read_category
+    from memkd_ray.data.datasets import load_training_images
+    from memkd_ray.engine import (
+        TrainingFeatures,
+        TrainState,
+        make_optimizer,
+        shuffled_batches,
+        train_one_epoch,
+    )
+
+    cfg = fast_config()
+    images = load_training_images(read_category("synthetic", synth_root, "mesh").train, 128)
+
+    def fresh() -> TrainState:
+        torch.manual_seed(0)
+        model = create_memkd(cfg)
+        return TrainState(model, make_optimizer(model, cfg), torch.Generator().manual_seed(0))
+
+    def epoch(state: TrainState) -> dict:
+        features = TrainingFeatures(state.model.teacher, images, torch.device("cpu"), True)
+        stats = train_one_epoch(state.model, features,
+                                shuffled_batches(len(images), 16, state.generator),
+                                state.optimizer, cfg, state.generator)
+        state.epoch += 1
+        state.history.append(stats)
+        return stats
+
+    straight = fresh()
+    epoch(straight)
+    expected = epoch(straight)
+
+    interrupted = fresh()
+    epoch(interrupted)
+    save_checkpoint(tmp_path / "ckpt", interrupted.model, cfg, 1, state=interrupted)
+    resumed = fresh()
+    assert restore_training_state(tmp_path / "ckpt", resumed) == 1
+    assert len(resumed.history) == 1
+    again = epoch(resumed)
+    for key in ("loss", "kd", "nm", "orth"):
+        assert again[key] == pytest.approx(expected[key], rel=1e-5), key

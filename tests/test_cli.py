@@ -41,9 +41,11 @@ def test_train_writes_the_storage_layout_and_results(trained_run):
     for row in rows:
         assert row["run_id"] == run_dir.name and row["benchmark"] == "synthetic"
         assert row["epochs"] == 6 and row["wall_seconds"] > 0
+        assert row["status"] == "ok" and row["workers"] == 1
         checkpoint = Path(row["checkpoint_uri"].removeprefix("file://"))
-        assert checkpoint == run_dir / "synthetic" / row["category"] / "checkpoint"
-        assert {p.name for p in checkpoint.iterdir()} == {"model.safetensors", "checkpoint.json"}
+        assert checkpoint == run_dir / "synthetic" / row["category"] / "checkpoint_epoch_0006"
+        assert {p.name for p in checkpoint.iterdir()} == {
+            "model.safetensors", "checkpoint.json", "training_state.safetensors"}
         meta = json.loads((checkpoint / "checkpoint.json").read_text())
         assert meta["epoch"] == 6
         assert meta["metrics"] == {k: row[k] for k in METRIC_KEYS}
@@ -72,7 +74,7 @@ def test_training_learns_far_above_chance(trained_run):
 def test_eval_save_maps_lets_anyone_recompute_the_metrics(trained_run, synth_root, tmp_path,
                                                           capsys):
     run_dir, _ = trained_run
-    checkpoint = run_dir / "synthetic" / "mesh" / "checkpoint"
+    checkpoint = run_dir / "synthetic" / "mesh" / "checkpoint_epoch_0006"
     maps_dir = tmp_path / "maps"
     assert main(["-q", "eval", "--checkpoint", str(checkpoint), "--data-root", str(synth_root),
                  "--category", "mesh", "--save-maps", str(maps_dir)]) == 0
@@ -98,7 +100,7 @@ def test_eval_save_maps_lets_anyone_recompute_the_metrics(trained_run, synth_roo
 
 def test_predict_writes_overlays_and_scores(trained_run, synth_root, tmp_path, capsys):
     run_dir, _ = trained_run
-    checkpoint = run_dir / "synthetic" / "stripes" / "checkpoint"
+    checkpoint = run_dir / "synthetic" / "stripes" / "checkpoint_epoch_0006"
     images = [synth_root / "stripes" / "test" / "good" / "000.png",
               synth_root / "stripes" / "test" / "hole" / "000.png"]
     out = tmp_path / "pred"
@@ -120,7 +122,7 @@ def test_predict_writes_overlays_and_scores(trained_run, synth_root, tmp_path, c
         (["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root", "/nonexistent"],
          "/nonexistent: data root not found"),
         (["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root", ".", "--storage",
-          "s3://bucket/x"], "not supported"),
+          "gs://bucket/x"], "unsupported scheme gs://"),
         (["eval", "--checkpoint", "/nonexistent", "--data-root", ".", "--category", "x"],
          "checkpoint.json: not found"),
     ],

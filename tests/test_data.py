@@ -110,3 +110,16 @@ def test_cli_synth_refuses_non_empty_out(tmp_path: Path, capsys):
     (tmp_path / "keep.txt").write_text("x")
     assert main(["-q", "data", "synth", "--out", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_cli_data_check_prints_counts_and_fails_with_2(synth_root: Path, broken_root: Path,
+                                                       capsys):
+    assert main(["data", "check", "--config", str(CONFIGS / "demo.yaml"),
+                 "--data-root", str(synth_root)]) == 0
+    out = capsys.readouterr().out
+    assert "mesh" in out and "hole=10 missing=10 scratch=10" in out
+    assert "total       120         40              60" in out
+    (broken_root / "stripes" / "ground_truth" / "hole" / "001_mask.png").unlink()
+    assert main(["data", "check", "--config", str(CONFIGS / "demo.yaml"),
+                 "--data-root", str(broken_root)]) == 2
+    assert "hole/001_mask.png: ground-truth mask" in capsys.readouterr().err

@@ -11,7 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from memkd_ray.data.sample import Sample, list_images
-from memkd_ray.data.splits import CategoryData
+from memkd_ray.data.splits import (
+    CategoryData,
+    categories_with,
+    category_dir,
+    require_dir,
+    require_images,
+)
 from memkd_ray.errors import DataError
 
 NORMAL = "good"
@@ -19,25 +25,15 @@ NORMAL = "good"
 
 def list_mvtec_categories(root: Path) -> list[str]:
     """Sub-directories of root that look like categories (they have train/good)."""
-    if not root.is_dir():
-        raise DataError(f"{root}: data root not found")
-    return sorted(p.name for p in root.iterdir() if (p / "train" / NORMAL).is_dir())
+    return categories_with(root, f"train/{NORMAL}")
 
 
 def read_mvtec_category(root: Path, category: str, benchmark: str = "mvtec") -> CategoryData:
-    base = root / category
-    if not base.is_dir():
-        known = ", ".join(list_mvtec_categories(root)) if root.is_dir() else "none"
-        raise DataError(f"{base}: category {category!r} not found (found: {known or 'none'})")
+    """Training images from train/good; test images of every defect with their masks."""
+    base = category_dir(root, category, list_mvtec_categories)
     train_dir = base / "train" / NORMAL
-    if not train_dir.is_dir():
-        raise DataError(f"{train_dir}: training directory not found")
-    train = [Sample(p, 0, NORMAL) for p in list_images(train_dir)]
-    if not train:
-        raise DataError(f"{train_dir}: no training images")
-    test_dir = base / "test"
-    if not test_dir.is_dir():
-        raise DataError(f"{test_dir}: test directory not found")
+    train = [Sample(p, 0, NORMAL) for p in require_images(train_dir, "training")]
+    test_dir = require_dir(base / "test", "test directory")
     test: list[Sample] = []
     for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
         defect = defect_dir.name

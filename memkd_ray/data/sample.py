@@ -45,10 +45,26 @@ class Sample:
             width, height = image_size(self.image_path)
             shape = (size, size) if size is not None else (height, width)
             return np.zeros(shape, dtype=np.uint8)
-        mask = _open(self.mask_path, decode=True).convert("L")
+        mask = _open(self.mask_path, decode=True)
         if size is not None:
             mask = mask.resize((size, size), Image.NEAREST)
-        return (np.array(mask) > 0).astype(np.uint8)
+        return binarise_mask(mask)
+
+
+def binarise_mask(mask: Image.Image) -> np.ndarray:
+    """1 where a ground-truth mask is non-zero, as uint8.
+
+    Single-band masks are read as stored, not through their colours: VisA's masks hold class
+    ids (1, 2, 3, ...) and a palette PNG's colours are arbitrary (a class-id palette may map
+    every id to black), so the index or value is what marks a defect, as VisA's own
+    `prepare_data.py` binarises (`!= 0`). Colour masks count a pixel when any channel is set.
+    """
+    if len(mask.getbands()) > 1:
+        mask = mask.convert("RGB")
+    values = np.array(mask)
+    if values.ndim == 3:
+        values = values.max(axis=2)
+    return (values != 0).astype(np.uint8)
 
 
 def image_size(path: Path) -> tuple[int, int]:

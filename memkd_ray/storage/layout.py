@@ -1,34 +1,21 @@
-"""The storage layout of DESIGN.md 6 on a local directory (the embedded default).
+"""The storage layout of DESIGN.md 6, identical under `file://` and `s3://`.
 
-    <root>/runs/<run_id>/<benchmark>/<category>/checkpoint/   model + checkpoint.json
-    <root>/runs/<run_id>/results.parquet                      one row per category
+    <root>/runs/<run_id>/<benchmark>/<category>/...   Ray Train run dirs and checkpoints
+    <root>/runs/<run_id>/results.parquet              one row per category
 """
 
 from __future__ import annotations
 
-import os
+import io
 import secrets
-import tempfile
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memkd_ray.errors import UserInputError
+from memkd_ray.storage.uri import Storage, StorageError
 
 RESULTS_FILE = "results.parquet"
-
-
-def local_root(uri: str) -> Path:
-    """A `file://` URI or plain path as a directory path."""
-    if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://"))
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0]
-        raise UserInputError(f"--storage {uri}: {scheme}:// storage is not supported yet; "
-                             "use a local directory or file:// URI")
-    return Path(uri)
 
 
 def new_run_id() -> str:
@@ -37,39 +24,37 @@ def new_run_id() -> str:
 
 
 class RunLayout:
-    def __init__(self, root: str | Path, run_id: str) -> None:
-        self.root = Path(root)
+    def __init__(self, storage: Storage, run_id: str) -> None:
+        self.storage = storage
         self.run_id = run_id
-        self.run_dir = self.root / "runs" / run_id
+        self.run_dir = storage.path("runs", run_id)
 
     @classmethod
-    def create(cls, root: str | Path) -> RunLayout:
-        """A new run directory; fails rather than reuse an existing one."""
-        layout = cls(root, new_run_id())
-        layout.run_dir.mkdir(parents=True, exist_ok=False)
-        return layout
+    def create(cls, storage: Storage) -> RunLayout:
+        """A fresh run id whose directory does not exist yet (runs never overwrite)."""
+        for _ in range(5):
+            layout = cls(storage, new_run_id())
+            if not storage.exists(layout.run_dir):
+                return layout
+        raise StorageError(f"{storage.uri}: could not find an unused run id")
 
-    def checkpoint_dir(self, benchmark: str, category: str) -> Path:
-        return self.run_dir / benchmark / category / "checkpoint"
+    def benchmark_dir(self, benchmark: str) -> str:
+        """Where Ray Train puts one run directory per category (`RunConfig.storage_path`)."""
+        return f"{self.run_dir}/{benchmark}"
 
     @property
-    def results_path(self) -> Path:
-        return self.run_dir / RESULTS_FILE
+    def results_path(self) -> str:
+        return f"{self.run_dir}/{RESULTS_FILE}"
 
 
-def write_parquet_atomic(rows: list[dict], path: Path) -> Path:
-    """Write rows as Parquet via a temporary file and a rename, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        pq.write_table(pa.Table.from_pylist(rows), staging)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-    return path
+def write_results(layout: RunLayout, rows: list[dict]) -> str:
+    """Write results.parquet atomically; returns its URI."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    layout.storage.write_bytes(layout.results_path, buffer.getvalue())
+    return layout.storage.uri_for(layout.results_path)
 
 
-def read_results(path: Path) -> list[dict]:
-    return pq.read_table(path).to_pylist()
+def read_results(layout: RunLayout) -> list[dict]:
+    data = layout.storage.read_bytes(layout.results_path)
+    return pq.read_table(io.BytesIO(data)).to_pylist()

@@ -1,0 +1,1 @@
+"""Ray Train and Ray Tune: the only package that imports `ray`."""

@@ -1,0 +1,141 @@
+"""`train_loop_per_worker`: the single-process loop of engine.py, data-parallel under Ray Train.
+
+Each worker of a category's group holds the whole (small) training set and its teacher-feature
+cache, trains on its DistributedSampler shard with the global batch split across workers,
+draws its own NEL exemplars, and DDP averages the gradients. Rank 0 writes the checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch.utils.data import DistributedSampler
+
+from memkd_ray.checkpoint import restore_training_state, save_checkpoint
+from memkd_ray.config import MemKDConfig, from_dict, validate
+from memkd_ray.data import read_configured_category
+from memkd_ray.data.datasets import load_training_images
+from memkd_ray.engine import (
+    MemKDObjective,
+    TrainingFeatures,
+    TrainState,
+    evaluate,
+    make_optimizer,
+    train_one_epoch,
+    use_feature_cache,
+)
+from memkd_ray.model import create_memkd
+
+
+def sharded_batches(
+    count: int, batch_size: int, rank: int, world: int, seed: int, epoch: int
+) -> list[torch.Tensor]:
+    """This worker's index batches for one epoch.
+
+    The sampler pads the shards to equal length, so every worker runs the same number of steps
+    (DDP needs that); a trailing batch of one is dropped everywhere alike (BatchNorm).
+    """
+    sampler = DistributedSampler(range(count), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=seed)
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler))
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches.pop()
+    return batches
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg: MemKDConfig = validate(from_dict(loop_config["config"]))
+    category: str = loop_config["category"]
+    progress = loop_config.get("progress")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = ray.train.torch.get_device()
+
+    data = read_configured_category(cfg.data, category)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
+    # On the device before the optimiser exists, so restored Adam moments land beside it.
+    model = create_memkd(cfg).to(device)
+    state = TrainState(model, make_optimizer(model, cfg),
+                       torch.Generator().manual_seed(cfg.train.seed + rank))
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            restore_training_state(directory, state)
+        if rank != 0:  # the checkpoint holds rank 0's RNG; the others draw their own exemplars
+            state.generator.manual_seed(cfg.train.seed + rank + 1000 * state.epoch)
+        _emit(progress, rank, {"category": category, "event": "resumed", "epoch": state.epoch})
+    objective = ray.train.torch.prepare_model(MemKDObjective(model, cfg))
+
+    images = load_training_images(data.train, cfg.data.image_size)
+    features = TrainingFeatures(model.teacher, images, device,
+                                use_feature_cache(cfg, model.teacher, len(images)))
+    per_worker_batch = max(1, math.ceil(cfg.train.batch_size / world))
+    fault = loop_config.get("fault") or {}
+
+    for epoch in range(state.epoch, cfg.train.epochs):
+        started = time.perf_counter()
+        batches = sharded_batches(len(images), per_worker_batch, rank, world, cfg.train.seed,
+                                  epoch)
+        stats = train_one_epoch(model, features, batches, state.optimizer, cfg, state.generator,
+                                objective)
+        state.epoch = epoch + 1
+        if restored is None and state.epoch == fault.get("fail_at_epoch"):
+            _inject_fault(fault, rank)
+        metrics: dict[str, Any] = {"epoch": state.epoch, "workers": world, **stats,
+                                   "seconds": time.perf_counter() - started}
+        last = state.epoch == cfg.train.epochs
+        every = cfg.train.eval_every
+        if rank == 0 and (last or (every and state.epoch % every == 0)):
+            metrics.update(evaluate(model, data.test, cfg, device).metrics)
+        state.history.append(metrics)
+        _emit(progress, rank, {"category": category, "event": "epoch", **metrics})
+        if last or state.epoch % cfg.train.checkpoint_every == 0:
+            _report_with_checkpoint(metrics, state, cfg, rank)
+        else:
+            ray.train.report(metrics)
+
+
+def _report_with_checkpoint(
+    metrics: dict[str, Any], state: TrainState, cfg: MemKDConfig, rank: int
+) -> None:
+    """Every worker reports (it is a barrier); only rank 0 attaches the checkpoint."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        scored = {k: v for k, v in metrics.items() if k.startswith(("image_", "pixel_"))}
+        directory = save_checkpoint(f"{scratch}/checkpoint", state.model, cfg, state.epoch,
+                                    scored, state=state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=f"checkpoint_epoch_{state.epoch:04d}")
+
+
+def _emit(progress: Any, rank: int, message: dict[str, Any]) -> None:
+    if progress is not None and rank == 0:
+        progress.put(message)
+
+
+def _inject_fault(fault: dict[str, Any], rank: int) -> None:
+    """Test hook: fail once, on the first attempt, to exercise resume-from-checkpoint.
+
+    The failure comes `delay_s` into the epoch, as a real crash would: Ray Train's controller
+    registers a reported checkpoint when it next polls the workers (every 2 s by default), so
+    a worker dying within that window of its last report loses that checkpoint too.
+    """
+    if rank != 0:
+        return
+    time.sleep(fault.get("delay_s", 5.0))
+    if fault.get("mode", "raise") == "exit":
+        os._exit(1)  # a hard kill: no exception, no cleanup
+    raise RuntimeError("injected fault")

@@ -1,0 +1,143 @@
+"""Ray Train: categories concurrently, storage on S3 (moto on loopback) and file://, resume
+after a killed worker, a broken category failing alone, unreachable storage."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from memkd_ray.cli import main
+from memkd_ray.data.synthetic import generate_benchmark
+from memkd_ray.distributed.launcher import train_benchmark
+from memkd_ray.metrics import METRIC_KEYS
+from tests.conftest import CONFIGS, S3_SECRET, fast_config
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+CHECKPOINT_FILES = {"model.safetensors", "checkpoint.json", "training_state.safetensors"}
+
+
+def _config(root: Path, *extra: str):
+    return fast_config(f"data.root={root}", "train.epochs=2", "train.num_threads=1",
+                       "distributed.cpus_per_worker=0.5", *extra)
+
+
+def test_two_categories_concurrently_stream_to_s3(synth_root, s3_endpoint):
+    messages: list[str] = []
+    cfg = _config(synth_root, "distributed.workers_per_category=2")
+    summary = train_benchmark(cfg, ["all"], "s3://memkd-test/team-a", on_message=messages.append)
+    assert [row["category"] for row in summary.rows] == ["mesh", "stripes"]
+    assert "2 categories, 2 at a time, 2 workers each" in messages[0]
+
+    listing = s3_endpoint.list_objects_v2(Bucket="memkd-test", Prefix="team-a/")
+    keys = {obj["Key"] for obj in listing["Contents"]}
+    run = f"team-a/runs/{summary.run_id}"
+    assert summary.results_uri == f"s3://memkd-test/{run}/results.parquet"
+    assert f"{run}/results.parquet" in keys
+    for category in ("mesh", "stripes"):
+        prefix = f"{run}/synthetic/{category}/checkpoint_epoch_0002/"
+        files = {k.removeprefix(prefix) for k in keys if k.startswith(prefix)} - {""}  # dir marker
+        assert files == CHECKPOINT_FILES
+
+    body = s3_endpoint.get_object(Bucket="memkd-test", Key=f"{run}/results.parquet")["Body"]
+    rows = pq.read_table(io.BytesIO(body.read())).to_pylist()
+    assert rows == summary.rows
+    for row in rows:
+        assert row["status"] == "ok" and row["run_id"] == summary.run_id
+        assert row["epochs"] == 2 and row["workers"] == 2
+        assert all(0.0 <= row[key] <= 1.0 for key in METRIC_KEYS)
+        assert row["checkpoint_uri"] == (f"s3://memkd-test/{run}/synthetic/{row['category']}/"
+                                         "checkpoint_epoch_0002")
+        assert row["config_hash"] == cfg.hash()
+    # Both categories ran at the same time: their epoch lines interleave.
+    order = [m.split()[0] for m in messages if " epoch " in m]
+    assert order.index("stripes") < len(order) - 2 and order.index("mesh") < len(order) - 2
+    # Credentials never reach what we store.
+    for key in keys:
+        data = s3_endpoint.get_object(Bucket="memkd-test", Key=key)["Body"].read()
+        assert S3_SECRET.encode() not in data, key
+
+
+def test_file_storage_queues_categories_beyond_the_cluster(tmp_path):
+    root = tmp_path / "synth3"
+    generate_benchmark(root, categories=3, size=64, train=12, test_good=4, defective_per_type=2)
+    messages: list[str] = []
+    cfg = _config(root, "data.image_size=64", "train.epochs=1",
+                  "distributed.workers_per_category=2")
+    store = tmp_path / "store"
+    summary = train_benchmark(cfg, ["all"], f"file://{store}", on_message=messages.append)
+    # 3 categories x 2 workers x 0.5 CPU on a 2-CPU cluster: two at a time, the third queues.
+    assert "3 categories, 2 at a time" in messages[0]
+    assert [row["status"] for row in summary.rows] == ["ok", "ok", "ok"]
+    run_dir = store / "runs" / summary.run_id
+    assert pq.read_table(run_dir / "results.parquet").num_rows == 3
+    for row in summary.rows:
+        checkpoint = run_dir / "synthetic" / row["category"] / "checkpoint_epoch_0001"
+        assert {p.name for p in checkpoint.iterdir()} == CHECKPOINT_FILES
+        assert row["checkpoint_uri"] == checkpoint.as_uri()
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(synth_root, tmp_path):
+    messages: list[str] = []
+    cfg = _config(synth_root, "train.epochs=3", "train.checkpoint_every=1",
+                  "distributed.workers_per_category=2")
+    summary = train_benchmark(cfg, ["stripes"], str(tmp_path / "store"),
+                              fault={"fail_at_epoch": 2, "mode": "exit"},
+                              on_message=messages.append)
+    (row,) = summary.rows
+    assert row["status"] == "ok" and row["epochs"] == 3
+    checkpoint = Path(row["checkpoint_uri"].removeprefix("file://"))
+    meta = json.loads((checkpoint / "checkpoint.json").read_text())
+    assert meta["epoch"] == 3
+    assert [h["epoch"] for h in meta["training_state"]["history"]] == [1, 2, 3]
+    epochs = [int(m.split()[2].rstrip(":")) for m in messages if m.startswith("stripes epoch")]
+    # Epoch 2's first attempt died before reporting; the restart began after epoch 1's
+    # checkpoint, not from scratch: epoch 1 ran once.
+    assert "stripes: resumed from the checkpoint of epoch 1" in messages
+    assert epochs == [1, 2, 3]
+
+
+def test_broken_category_fails_alone(synth_root, tmp_path, capsys):
+    root = tmp_path / "bench"
+    shutil.copytree(synth_root, root)
+    (root / "mesh" / "test" / "good" / "002.png").write_bytes(b"garbage")
+    store = tmp_path / "store"
+    argv = ["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root",
+            str(root), "--storage", str(store), "--workers-per-category", "1"]
+    for override in ("data.image_size=64", "student.bottleneck_blocks=1",
+                     "student.decoder_blocks=[1,1,1]", "train.epochs=1",
+                     "distributed.cpus_per_worker=0.5"):
+        argv += ["--set", override]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert re.search(r"mesh .* failed", captured.out)
+    assert re.search(r"stripes .* ok", captured.out)
+    assert "FAILED mesh:" in captured.err and "002.png: unreadable image" in captured.err
+    (run_dir,) = (store / "runs").iterdir()
+    rows = {r["category"]: r for r in pq.read_table(run_dir / "results.parquet").to_pylist()}
+    assert rows["mesh"]["status"] == "failed" and "002.png" in rows["mesh"]["error"]
+    assert rows["stripes"]["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("storage", "endpoint", "message"),
+    [
+        ("s3://memkd-test/x", "http://127.0.0.1:9", "cannot reach the bucket"),
+        ("s3://no-such-bucket/x", None, "bucket no-such-bucket not found"),
+    ],
+)
+def test_unusable_s3_storage_is_a_quick_one_line_error(storage, endpoint, message, s3_endpoint,
+                                                       synth_root, monkeypatch, capsys):
+    if endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    code = main(["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root",
+                 str(synth_root), "--storage", storage])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and message in err[0], err
+    assert S3_SECRET not in err[0]
