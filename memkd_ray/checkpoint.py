@@ -58,6 +58,7 @@ def save_checkpoint(
     epoch: int,
     metrics: dict[str, float] | None = None,
     state: TrainState | None = None,
+    category: str | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically: it appears complete or not at all.
 
@@ -75,6 +76,7 @@ def save_checkpoint(
         meta = {
             "format_version": FORMAT_VERSION,
             "config": cfg.to_dict(),
+            "category": category,
             "epoch": epoch,
             "metrics": metrics or {},
             "teacher": {
@@ -107,6 +109,23 @@ class Checkpoint:
     state: dict[str, torch.Tensor]
 
 
+def parse_checkpoint_meta(data: bytes, where: str) -> dict[str, Any]:
+    """checkpoint.json parsed and schema-checked; CheckpointError names `where`."""
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{where}: not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: top level must be an object")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{where}: field {key!r} missing or not a {kind.__name__}")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{where}: format {meta['format_version']} is newer than "
+                              f"this memkd-ray ({__version__}) reads")
+    return meta
+
+
 def read_checkpoint(directory: str | Path) -> Checkpoint:
     """Read and verify a checkpoint directory; CheckpointError names what is wrong."""
     directory = Path(directory)
@@ -114,18 +133,7 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     for path in (meta_path, weights_path):
         if not path.is_file():
             raise CheckpointError(f"{path}: not found (is {directory} a checkpoint directory?)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{meta_path}: not valid JSON") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_path}: top level must be an object")
-    for key, kind in _REQUIRED.items():
-        if not isinstance(meta.get(key), kind):
-            raise CheckpointError(f"{meta_path}: field {key!r} missing or not a {kind.__name__}")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: format {meta['format_version']} is newer than "
-                              f"this memkd-ray ({__version__}) reads")
+    meta = parse_checkpoint_meta(meta_path.read_bytes(), str(meta_path))
     actual = sha256_file(weights_path)
     if actual != meta["sha256"]:
         raise CheckpointError(

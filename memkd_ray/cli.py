@@ -17,6 +17,9 @@ from pathlib import Path
 from memkd_ray.errors import UserInputError
 
 log = logging.getLogger("memkd_ray")
+DEFAULT_STORAGE = "./memkd-store"
+CHECKPOINT_HELP = ("checkpoint directory, file:// or s3:// URI of one, or registry:BENCH/CAT "
+                   "(the best model in --storage)")
 TABLE_METRICS = (
     ("I-AUROC", "image_auroc"),
     ("I-AP", "image_ap"),
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, type=Path)
     train.add_argument("--data-root", help="benchmark directory (overrides data.root)")
     train.add_argument("--category", nargs="+", default=["all"], help="names, or all")
-    train.add_argument("--storage", default="./memkd-store",
+    train.add_argument("--storage", default=DEFAULT_STORAGE,
                        help="directory, file:// or s3://bucket/prefix (AWS_* variables)")
     train.add_argument("--workers-per-category", type=int, metavar="K",
                        help="data-parallel workers per category (distributed.workers_per_category)")
@@ -55,24 +58,56 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
 
+    train.add_argument("--no-promote", dest="promote", action="store_false",
+                       help="do not offer the new checkpoints to the model registry")
+
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on a category's test set")
-    evaluate.add_argument("--checkpoint", required=True, type=Path)
+    evaluate.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    evaluate.add_argument("--storage", default=DEFAULT_STORAGE, help="registry storage")
     evaluate.add_argument("--data-root", required=True)
     evaluate.add_argument("--category", required=True)
     evaluate.add_argument("--save-maps", type=Path, metavar="DIR",
                           help="also write per-image maps and masks (.npz) and index.csv")
 
     predict = commands.add_parser("predict", help="anomaly maps and scores for images")
-    predict.add_argument("--checkpoint", required=True, type=Path)
+    predict.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    predict.add_argument("--storage", default=DEFAULT_STORAGE, help="registry storage")
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--out", required=True, type=Path)
+
+    models = commands.add_parser("models", help="the model registry: best model per category")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    listing = model_commands.add_parser("list", help="best model of every category")
+    listing.add_argument("--benchmark")
+    listing.add_argument("--format", choices=("table", "json"), default="table")
+    show = model_commands.add_parser("show", help="full model card of BENCHMARK/CATEGORY")
+    show.add_argument("reference", metavar="BENCHMARK/CATEGORY")
+    pull = model_commands.add_parser("pull", help="download and verify a checkpoint")
+    pull.add_argument("reference", metavar="BENCHMARK/CATEGORY")
+    pull.add_argument("--run", help="the checkpoint of this run instead of the best one")
+    pull.add_argument("--to", required=True, type=Path)
+    promote = model_commands.add_parser("promote", help="offer a run's checkpoints")
+    promote.add_argument("run_id", metavar="RUN_ID")
+    promote.add_argument("--metric", default="image_auroc")
+    promote.add_argument("--force", action="store_true", help="replace even if not better")
+    for sub in (listing, show, pull, promote):
+        sub.add_argument("--storage", default=DEFAULT_STORAGE)
+
+    runs = commands.add_parser("runs", help="training runs and their results")
+    run_commands = runs.add_subparsers(dest="runs_command", required=True)
+    run_list = run_commands.add_parser("list", help="every run with its categories")
+    run_show = run_commands.add_parser("show", help="a run's results table")
+    run_show.add_argument("run_id", metavar="RUN_ID")
+    for sub in (run_list, run_show):
+        sub.add_argument("--storage", default=DEFAULT_STORAGE)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.quiet)
-    handlers = {"data": _data, "train": _train, "eval": _eval, "predict": _predict}
+    handlers = {"data": _data, "train": _train, "eval": _eval, "predict": _predict,
+                "models": _models, "runs": _runs}
     try:
         return handlers[args.command](args) or 0
     except UserInputError as exc:
@@ -134,6 +169,14 @@ def _train(args: argparse.Namespace) -> int:
     summary = train_benchmark(cfg, args.category, args.storage, address=args.address)
     print(format_results_table(summary.rows))
     print(f"run {summary.run_id}: {summary.results_uri}")
+    if args.promote:
+        from memkd_ray.storage.registry import Registry
+        from memkd_ray.storage.uri import open_storage
+
+        registry = Registry(open_storage(args.storage))
+        for row in summary.rows:
+            if row["status"] == "ok":
+                _print_promotion(registry.promote(row["checkpoint_uri"]))
     for row in summary.failed:
         print(f"FAILED {row['category']}: {row['error']}", file=sys.stderr)
     return 1 if summary.failed else 0
@@ -144,9 +187,10 @@ def _eval(args: argparse.Namespace) -> None:
     from memkd_ray.data import read_configured_category
     from memkd_ray.engine import evaluate, resolve_device
     from memkd_ray.inference import save_maps
+    from memkd_ray.storage.registry import fetch_checkpoint
 
     device = resolve_device("auto")
-    model, checkpoint = load_model(args.checkpoint, device)
+    model, checkpoint = load_model(fetch_checkpoint(args.checkpoint, args.storage), device)
     cfg = checkpoint.config
     data = read_configured_category(replace(cfg.data, root=args.data_root), args.category)
     evaluation = evaluate(model, data.test, cfg, device)
@@ -159,13 +203,99 @@ def _predict(args: argparse.Namespace) -> None:
     from memkd_ray.checkpoint import load_model
     from memkd_ray.engine import resolve_device
     from memkd_ray.inference import predict_images
+    from memkd_ray.storage.registry import fetch_checkpoint
 
     device = resolve_device("auto")
-    model, checkpoint = load_model(args.checkpoint, device)
+    model, checkpoint = load_model(fetch_checkpoint(args.checkpoint, args.storage), device)
     cfg = checkpoint.config
     scores = predict_images(model, args.images, cfg.data.image_size, cfg.eval.gaussian_sigma,
                             args.out, device, cfg.eval.batch_size)
     print(json.dumps(scores, indent=2))
+
+
+def _models(args: argparse.Namespace) -> None:
+    from memkd_ray.storage.registry import Registry, parse_reference
+    from memkd_ray.storage.uri import open_storage
+
+    registry = Registry(open_storage(args.storage))
+    command = args.models_command
+    if command == "list":
+        cards = registry.list(args.benchmark)
+        print(json.dumps(cards, indent=2) if args.format == "json" else format_models_table(cards))
+    elif command == "show":
+        card = registry.best(*parse_reference(args.reference))
+        if card is None:
+            raise UserInputError(f"{args.reference}: no model registered in {args.storage}")
+        base = registry.storage.path_of(card["checkpoint_uri"])
+        meta = json.loads(registry.read(f"{base}/checkpoint.json"))
+        print(json.dumps({**card, "config": meta["config"]}, indent=2, sort_keys=True))
+    elif command == "pull":
+        benchmark, category = parse_reference(args.reference)
+        if args.run:
+            uri = registry.checkpoint_of_run(args.run, benchmark, category)
+        else:
+            card = registry.best(benchmark, category)
+            if card is None:
+                raise UserInputError(f"{args.reference}: no model registered in {args.storage}")
+            uri = card["checkpoint_uri"]
+        print(registry.pull(uri, args.to).resolve())
+    else:
+        from memkd_ray.storage.layout import RunLayout, read_results
+
+        layout = RunLayout(registry.storage, args.run_id)
+        if not registry.storage.exists(layout.results_path):
+            raise UserInputError(f"run {args.run_id}: no results.parquet in {args.storage}")
+        for row in read_results(layout):
+            if row["status"] == "ok":
+                _print_promotion(registry.promote(row["checkpoint_uri"], args.metric,
+                                                  force=args.force))
+
+
+def _print_promotion(promotion) -> None:
+    c = promotion.candidate
+    where = f"{c['benchmark']}/{c['category']}"
+    if promotion.promoted:
+        print(f"registry: {where} <- run {c['run_id']} "
+              f"(I-AUROC {_percent(c['metrics']['image_auroc'])})")
+    else:
+        best = promotion.best or {}
+        print(f"registry: {where} keeps run {best.get('run_id', '?')} "
+              f"(I-AUROC {_percent(best.get('metrics', {}).get('image_auroc', math.nan))}); "
+              f"run {c['run_id']} not better")
+
+
+def _runs(args: argparse.Namespace) -> None:
+    from memkd_ray.storage.layout import RunLayout, list_runs, read_results
+    from memkd_ray.storage.uri import open_storage
+
+    storage = open_storage(args.storage)
+    if args.runs_command == "list":
+        runs = list_runs(storage)
+        rows = [[run_id, str(len(rows)), ", ".join(sorted({r["benchmark"] for r in rows})),
+                 str(sum(r["status"] == "ok" for r in rows))] for run_id, rows in runs]
+        print(_render([["run", "categories", "benchmarks", "ok"], *rows]))
+        return
+    layout = RunLayout(storage, args.run_id)
+    if not storage.exists(layout.results_path):
+        raise UserInputError(f"run {args.run_id}: no results.parquet in {args.storage}")
+    print(format_results_table(read_results(layout)))
+
+
+def format_models_table(cards: list[dict]) -> str:
+    """One line per registered model: metrics in percent, source run, age, size."""
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc)
+    lines = [["benchmark", "category", *(name for name, _ in TABLE_METRICS), "run", "age",
+              "size"]]
+    for card in cards:
+        promoted = datetime.fromisoformat(card["promoted_at"])
+        age_h = (now - promoted).total_seconds() / 3600
+        lines.append([card["benchmark"], card["category"],
+                      *(_percent(card["metrics"][key]) for _, key in TABLE_METRICS),
+                      card["run_id"], f"{age_h:.1f}h" if age_h < 48 else f"{age_h / 24:.0f}d",
+                      f"{card['size_bytes'] / 2**20:.1f} MiB"])
+    return _render(lines)
 
 
 def format_results_table(rows: list[dict]) -> str:
@@ -177,11 +307,15 @@ def format_results_table(rows: list[dict]) -> str:
     if len(done) > 1:
         means = [_percent(_mean([row[key] for row in done])) for _, key in TABLE_METRICS]
         lines.append(["mean", *means, f"{len(done)} ok"])
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *lines, strict=True)]
-    render = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                        for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-              for cells in [header, *lines]]
-    return "\n".join(render)
+    return _render([header, *lines])
+
+
+def _render(lines: list[list[str]]) -> str:
+    """Columns padded to width: the first left-aligned, the others right-aligned."""
+    widths = [max(len(str(c)) for c in column) for column in zip(*lines, strict=True)]
+    return "\n".join("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                               for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+                     for cells in lines)
 
 
 def _mean(values: list[float]) -> float:

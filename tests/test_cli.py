@@ -49,6 +49,11 @@ def test_train_writes_the_storage_layout_and_results(trained_run):
         meta = json.loads((checkpoint / "checkpoint.json").read_text())
         assert meta["epoch"] == 6
         assert meta["metrics"] == {k: row[k] for k in METRIC_KEYS}
+    # Each category's checkpoint was offered to the registry, which took it (first run).
+    for row in rows:
+        assert f"registry: synthetic/{row['category']} <- run {run_dir.name}" in result.stdout
+        best = run_dir.parents[1] / "registry" / "synthetic" / row["category"] / "best.json"
+        assert json.loads(best.read_text())["checkpoint_uri"] == row["checkpoint_uri"]
     # The printed table is the parquet's, in percent with one decimal.
     assert f"{100 * rows[0]['image_auroc']:.1f}" in result.stdout
     assert "mean" in result.stdout

@@ -101,13 +101,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.history.append(metrics)
         _emit(progress, rank, {"category": category, "event": "epoch", **metrics})
         if last or state.epoch % cfg.train.checkpoint_every == 0:
-            _report_with_checkpoint(metrics, state, cfg, rank)
+            _report_with_checkpoint(metrics, state, cfg, rank, category)
         else:
             ray.train.report(metrics)
 
 
 def _report_with_checkpoint(
-    metrics: dict[str, Any], state: TrainState, cfg: MemKDConfig, rank: int
+    metrics: dict[str, Any], state: TrainState, cfg: MemKDConfig, rank: int, category: str
 ) -> None:
     """Every worker reports (it is a barrier); only rank 0 attaches the checkpoint."""
     if rank != 0:
@@ -116,7 +116,7 @@ def _report_with_checkpoint(
     with tempfile.TemporaryDirectory() as scratch:
         scored = {k: v for k, v in metrics.items() if k.startswith(("image_", "pixel_"))}
         directory = save_checkpoint(f"{scratch}/checkpoint", state.model, cfg, state.epoch,
-                                    scored, state=state)
+                                    scored, state=state, category=category)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint_epoch_{state.epoch:04d}")
 

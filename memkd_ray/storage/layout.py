@@ -58,3 +58,10 @@ def write_results(layout: RunLayout, rows: list[dict]) -> str:
 def read_results(layout: RunLayout) -> list[dict]:
     data = layout.storage.read_bytes(layout.results_path)
     return pq.read_table(io.BytesIO(data)).to_pylist()
+
+
+def list_runs(storage: Storage) -> list[tuple[str, list[dict]]]:
+    """(run id, results rows) of every run that has a results.parquet, oldest first."""
+    layouts = [RunLayout(storage, run_id) for run_id in storage.children(storage.path("runs"))]
+    return [(layout.run_id, read_results(layout)) for layout in layouts
+            if storage.exists(layout.results_path)]

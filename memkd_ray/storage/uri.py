@@ -8,10 +8,13 @@ them (in memory, never in logs or results).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -33,6 +36,9 @@ class Storage:
     filesystem: pafs.FileSystem
     root: str
     """The root as a path of `filesystem`: `bucket/prefix` or `/absolute/path`."""
+    s3: Any = field(default=None, repr=False, compare=False)
+    """boto3 S3 client for whole-object reads and writes. pyarrow reads an object with a HEAD
+    then ranged GETs, which can tear across a concurrent replacement; one GET cannot."""
 
     @property
     def scheme(self) -> str:
@@ -45,25 +51,61 @@ class Storage:
         """URI of a filesystem path under this storage."""
         return f"s3://{path}" if self.scheme == "s3" else Path(path).as_uri()
 
+    def path_of(self, uri: str) -> str:
+        """The filesystem path of a URI under this storage (inverse of `uri_for`)."""
+        if uri.startswith("s3://") and self.scheme == "s3":
+            return uri.removeprefix("s3://")
+        if uri.startswith("file://") and self.scheme == "file":
+            return str(Path(uri.removeprefix("file://")))
+        raise StorageError(f"{uri}: not under storage {self.uri}")
+
+    def list_files(self, path: str) -> list[str]:
+        """Paths of all files below `path` (none if it does not exist), sorted."""
+        selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+        infos = self.filesystem.get_file_info(selector)
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+    def children(self, path: str) -> list[str]:
+        """Names of the entries directly below `path` (none if it does not exist), sorted."""
+        selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+        return sorted(i.base_name for i in self.filesystem.get_file_info(selector))
+
     def exists(self, path: str) -> bool:
         return self.filesystem.get_file_info(path).type != pafs.FileType.NotFound
 
+    def sha256(self, path: str) -> tuple[str, int]:
+        """(hex digest, size in bytes) of a stored file, streamed."""
+        digest = hashlib.sha256()
+        size = 0
+        for chunk in self._chunks(path):
+            digest.update(chunk)
+            size += len(chunk)
+        return digest.hexdigest(), size
+
     def read_bytes(self, path: str) -> bytes:
+        return b"".join(self._chunks(path))
+
+    def _chunks(self, path: str, size: int = 1 << 20) -> Iterator[bytes]:
+        if self.s3 is not None:
+            bucket, key = path.split("/", 1)
+            yield from self.s3.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(size)
+            return
         with self.filesystem.open_input_stream(path) as stream:
-            return stream.read()
+            while chunk := stream.read(size):
+                yield chunk
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Atomic write: readers see the old object or the complete new one, never a part.
 
-        An S3 PUT (or multipart upload) becomes visible only when complete; on a local disk we
-        write a sibling temporary file and rename it.
+        An S3 PUT becomes visible only when complete; on a local disk we write a sibling
+        temporary file and rename it.
         """
+        if self.s3 is not None:
+            bucket, key = path.split("/", 1)
+            self.s3.put_object(Bucket=bucket, Key=key, Body=data)
+            return
         parent = path.rsplit("/", 1)[0]
         self.filesystem.create_dir(parent, recursive=True)
-        if self.scheme == "s3":
-            with self.filesystem.open_output_stream(path) as stream:
-                stream.write(data)
-            return
         staging = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
         try:
             with self.filesystem.open_output_stream(staging) as stream:
@@ -87,6 +129,7 @@ def open_storage(uri: str) -> Storage:
 
 def _open_s3(uri: str) -> Storage:
     import boto3
+    import botocore.config
 
     root = uri.removeprefix("s3://").strip("/")
     bucket = root.split("/", 1)[0]
@@ -95,13 +138,21 @@ def _open_s3(uri: str) -> Storage:
     session = boto3.Session()
     credentials = session.get_credentials()
     frozen = credentials.get_frozen_credentials() if credentials is not None else None
+    region = session.region_name or "us-east-1"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client = session.client(
+        "s3", region_name=region, endpoint_url=endpoint,
+        config=botocore.config.Config(
+            connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_REQUEST_TIMEOUT_S,
+            retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+        ),
+    )
     filesystem = pafs.S3FileSystem(
         access_key=frozen.access_key if frozen else None,
         secret_key=frozen.secret_key if frozen else None,
         session_token=frozen.token if frozen else None,
-        region=session.region_name or "us-east-1",
-        endpoint_override=os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL"),
+        region=region,
+        endpoint_override=endpoint,
         connect_timeout=S3_CONNECT_TIMEOUT_S,
         request_timeout=S3_REQUEST_TIMEOUT_S,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
@@ -113,4 +164,4 @@ def _open_s3(uri: str) -> Storage:
         raise StorageError(f"--storage {uri}: cannot reach the bucket ({reason})") from None
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"--storage {uri}: bucket {bucket} not found")
-    return Storage(f"s3://{root}", filesystem, root)
+    return Storage(f"s3://{root}", filesystem, root, client)

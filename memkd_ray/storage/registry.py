@@ -1,0 +1,299 @@
+"""Model registry on the run storage: the best checkpoint per benchmark/category.
+
+    <root>/registry/<benchmark>/<category>/best.json          pointer + model card
+    <root>/registry/<benchmark>/<category>/claims/<id>.json   one per promotion, immutable
+    <root>/registry/<benchmark>/<category>/history.parquet    every promotion, oldest first
+
+Concurrency: write-then-verify, not S3 conditional writes. Conditional PUTs (If-Match /
+If-None-Match) are atomic on AWS S3 but not on every S3-compatible endpoint (moto's server, for
+one, checks and writes in separate steps), and `file://` has none. Instead a promotion first
+writes an immutable claim (a unique key, so no writer can clobber another), then settles:
+list the claims, compute the winner, rewrite best.json/history.parquet if they disagree, and
+repeat until a pass writes nothing. The last pass of the last writer saw every claim, so racing
+promotions converge on the best claim, on any store with read-after-write consistency (AWS S3
+since 2020, MinIO, local disks). A claim is only written after its checkpoint was read back and
+its sha256 checked, so best.json never points to a missing or partial checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from memkd_ray.checkpoint import (
+    META_FILE,
+    WEIGHTS_FILE,
+    parse_checkpoint_meta,
+    read_checkpoint,
+)
+from memkd_ray.config import from_dict
+from memkd_ray.errors import CheckpointError, UserInputError
+from memkd_ray.metrics import METRIC_KEYS
+from memkd_ray.storage.layout import RunLayout, read_results
+from memkd_ray.storage.uri import Storage, open_storage
+
+INFERENCE_FILES = (META_FILE, WEIGHTS_FILE)
+DEFAULT_METRIC = "image_auroc"
+DEFAULT_TIEBREAK = "pixel_aupro"
+MAX_SETTLE_PASSES = 50
+
+
+@dataclass
+class Promotion:
+    promoted: bool
+    candidate: dict[str, Any]
+    best: dict[str, Any] | None
+
+
+def parse_reference(reference: str) -> tuple[str, str]:
+    """`benchmark/category` (optionally prefixed `registry:`) as a pair."""
+    parts = reference.removeprefix("registry:").strip("/").split("/")
+    if len(parts) != 2 or not all(parts):
+        raise UserInputError(f"{reference}: expected BENCHMARK/CATEGORY, e.g. mvtec/bottle")
+    return parts[0], parts[1]
+
+
+class Registry:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def _dir(self, benchmark: str, category: str) -> str:
+        return self.storage.path("registry", benchmark, category)
+
+    # Reading -----------------------------------------------------------------------------
+
+    def best(self, benchmark: str, category: str) -> dict[str, Any] | None:
+        path = f"{self._dir(benchmark, category)}/best.json"
+        if not self.storage.exists(path):
+            return None
+        return _parse_card(self.storage.read_bytes(path), self.storage.uri_for(path))
+
+    def list(self, benchmark: str | None = None) -> list[dict[str, Any]]:
+        """The best card of every benchmark/category (of one benchmark if given)."""
+        root = self.storage.path("registry", *([benchmark] if benchmark else []))
+        paths = [p for p in self.storage.list_files(root) if p.endswith("/best.json")]
+        return [_parse_card(self.storage.read_bytes(p), self.storage.uri_for(p)) for p in paths]
+
+    def history(self, benchmark: str, category: str) -> list[dict[str, Any]]:
+        path = f"{self._dir(benchmark, category)}/history.parquet"
+        if not self.storage.exists(path):
+            return []
+        return pq.read_table(io.BytesIO(self.storage.read_bytes(path))).to_pylist()
+
+    # Promotion ---------------------------------------------------------------------------
+
+    def card(self, checkpoint_uri: str) -> dict[str, Any]:
+        """Model card of a stored checkpoint, after checking its weights' sha256."""
+        base = self.storage.path_of(checkpoint_uri).rstrip("/")
+        meta = parse_checkpoint_meta(self.read(f"{base}/{META_FILE}"),
+                                     f"{checkpoint_uri}/{META_FILE}")
+        digest, size = self.storage.sha256(f"{base}/{WEIGHTS_FILE}")
+        if digest != meta["sha256"]:
+            raise CheckpointError(f"{checkpoint_uri}: weights sha256 does not match "
+                                  "checkpoint.json (partial upload or tampered)")
+        config = meta["config"]
+        parts = base.split("/")
+        run_id = parts[parts.index("runs") + 1] if "runs" in parts[:-1] else ""
+        return {
+            "benchmark": config["data"]["benchmark"],
+            # Ray Train lays checkpoints out as .../<benchmark>/<category>/checkpoint_epoch_N.
+            "category": meta.get("category") or parts[-2],
+            "run_id": run_id,
+            "checkpoint_uri": checkpoint_uri,
+            "metrics": {k: float(meta["metrics"].get(k, math.nan)) for k in METRIC_KEYS},
+            "epoch": meta["epoch"],
+            "sha256": digest,
+            "size_bytes": size,
+            "teacher": meta["teacher"],
+            "package_version": meta["package_version"],
+            "config_hash": from_dict(config).hash(),
+        }
+
+    def promote(
+        self,
+        checkpoint_uri: str,
+        metric: str = DEFAULT_METRIC,
+        tiebreak: str = DEFAULT_TIEBREAK,
+        force: bool = False,
+    ) -> Promotion:
+        """Make a checkpoint the best of its category if it beats the current best on
+        (metric, tiebreak), or unconditionally with `force`."""
+        for name in (metric, tiebreak):
+            if name not in METRIC_KEYS:
+                raise UserInputError(f"--metric {name}: not one of {', '.join(METRIC_KEYS)}")
+        candidate = self.card(checkpoint_uri)
+        benchmark, category = candidate["benchmark"], candidate["category"]
+        current = self.best(benchmark, category)
+        if (not force and current is not None
+                and _rank(candidate, metric, tiebreak) <= _rank(current, metric, tiebreak)):
+            return Promotion(False, candidate, current)
+        now = datetime.now(timezone.utc)
+        claim_id = f"{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
+        claim = {**candidate, "claim": claim_id, "forced": force, "metric": metric,
+                 "tiebreak": tiebreak, "promoted_at": now.isoformat(timespec="seconds")}
+        claim_path = f"{self._dir(benchmark, category)}/claims/{claim_id}.json"
+        self.storage.write_bytes(claim_path, _dump(claim))
+        best = self._settle(benchmark, category)
+        return Promotion(best["claim"] == claim_id, candidate, best)
+
+    def _settle(self, benchmark: str, category: str) -> dict[str, Any]:
+        """Bring best.json and history.parquet in line with the claims; see module doc."""
+        base = self._dir(benchmark, category)
+        for _ in range(MAX_SETTLE_PASSES):
+            claims = self._claims(benchmark, category)
+            winner = winning_claim(claims)
+            wrote = False
+            current = self.best(benchmark, category)
+            if current is None or current.get("claim") != winner["claim"]:
+                self.storage.write_bytes(f"{base}/best.json", _dump(winner))
+                wrote = True
+            if len(self.history(benchmark, category)) != len(claims):
+                self.storage.write_bytes(f"{base}/history.parquet", _history_table(claims))
+                wrote = True
+            if not wrote:
+                return winner
+        raise RuntimeError(f"registry {benchmark}/{category}: promotions did not settle")
+
+    def _claims(self, benchmark: str, category: str) -> list[dict[str, Any]]:
+        paths = self.storage.list_files(f"{self._dir(benchmark, category)}/claims")
+        return [json.loads(self.storage.read_bytes(p)) for p in paths if p.endswith(".json")]
+
+    def read(self, path: str) -> bytes:
+        """Bytes of a stored file; CheckpointError if it is missing."""
+        if not self.storage.exists(path):
+            raise CheckpointError(f"{self.storage.uri_for(path)}: not found")
+        return self.storage.read_bytes(path)
+
+    # Pulling -----------------------------------------------------------------------------
+
+    def checkpoint_of_run(self, run_id: str, benchmark: str, category: str) -> str:
+        layout = RunLayout(self.storage, run_id)
+        if not self.storage.exists(layout.results_path):
+            raise UserInputError(f"run {run_id}: no results.parquet under {self.storage.uri}")
+        for row in read_results(layout):
+            if row["benchmark"] == benchmark and row["category"] == category:
+                if row["status"] != "ok":
+                    raise UserInputError(f"run {run_id}: {benchmark}/{category} failed")
+                return row["checkpoint_uri"]
+        raise UserInputError(f"run {run_id}: no {benchmark}/{category}")
+
+    def pull(self, checkpoint_uri: str, destination: str | Path) -> Path:
+        """Download a checkpoint's inference files into `destination`, verified.
+
+        Files land in a staging directory beside the destination and are checked (schema,
+        sha256) before one rename makes them visible: a tampered or truncated object leaves
+        nothing at the destination.
+        """
+        destination = Path(destination)
+        if destination.exists() and any(destination.iterdir()):
+            raise UserInputError(f"--to {destination}: directory exists and is not empty")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        base = self.storage.path_of(checkpoint_uri).rstrip("/")
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+        try:
+            for name in INFERENCE_FILES:
+                (staging / name).write_bytes(self.read(f"{base}/{name}"))
+            read_checkpoint(staging)
+            if destination.exists():
+                destination.rmdir()
+            staging.rename(destination)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+        return destination
+
+
+def winning_claim(claims: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The best claim since the latest forced one (a forced promotion resets the contest),
+    ranked by each claim's own metric and tiebreak; earliest wins ties."""
+    ordered = sorted(claims, key=lambda c: c["claim"])
+    forced = [i for i, c in enumerate(ordered) if c["forced"]]
+    contest = ordered[forced[-1]:] if forced else ordered
+    best = contest[0]
+    for claim in contest[1:]:
+        if _rank(claim, best["metric"], best["tiebreak"]) > _rank(
+            best, best["metric"], best["tiebreak"]
+        ):
+            best = claim
+    return best
+
+
+def _rank(card: dict[str, Any], metric: str, tiebreak: str) -> tuple[float, float]:
+    def value(name: str) -> float:
+        v = card["metrics"].get(name, math.nan)
+        return -math.inf if v is None or math.isnan(v) else v
+
+    return value(metric), value(tiebreak)
+
+
+def _dump(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _history_table(claims: list[dict[str, Any]]) -> bytes:
+    rows = [
+        {"promoted_at": c["promoted_at"], "claim": c["claim"], "run_id": c["run_id"],
+         "checkpoint_uri": c["checkpoint_uri"], "sha256": c["sha256"], "forced": c["forced"],
+         **c["metrics"]}
+        for c in sorted(claims, key=lambda c: c["claim"])
+    ]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
+_CARD_FIELDS = {"benchmark": str, "category": str, "checkpoint_uri": str, "metrics": dict,
+                "sha256": str, "claim": str}
+
+
+def _parse_card(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        card = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{where}: not valid JSON") from None
+    for key, kind in _CARD_FIELDS.items():
+        if not isinstance(card.get(key), kind):
+            raise CheckpointError(f"{where}: field {key!r} missing or not a {kind.__name__}")
+    return card
+
+
+def cache_root() -> Path:
+    """Where pulled checkpoints are cached by sha256 (`MEMKD_RAY_CACHE` overrides)."""
+    return Path(os.environ.get("MEMKD_RAY_CACHE", Path.home() / ".cache" / "memkd-ray"))
+
+
+def fetch_checkpoint(reference: str, storage_uri: str) -> Path:
+    """A local checkpoint directory for `reference`: a local path, `file://` or `s3://` URI
+    of a checkpoint directory, or `registry:BENCHMARK/CATEGORY` (the best model in the
+    registry of `storage_uri`). Remote checkpoints are verified and cached by sha256."""
+    if reference.startswith("registry:"):
+        registry = Registry(open_storage(storage_uri))
+        benchmark, category = parse_reference(reference)
+        card = registry.best(benchmark, category)
+        if card is None:
+            raise UserInputError(f"{reference}: no model registered under {storage_uri}")
+        uri = card["checkpoint_uri"]
+    elif reference.startswith("s3://"):
+        bucket = reference.removeprefix("s3://").split("/", 1)[0]
+        registry, uri = Registry(open_storage(f"s3://{bucket}")), reference.rstrip("/")
+    else:
+        return Path(reference.removeprefix("file://"))
+    base = registry.storage.path_of(uri)
+    meta = parse_checkpoint_meta(registry.read(f"{base}/{META_FILE}"), uri)
+    cached = cache_root() / meta["sha256"]
+    if not cached.exists():
+        registry.pull(uri, cached)
+    return cached

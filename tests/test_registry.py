@@ -1,0 +1,197 @@
+"""Model registry on file:// and on a real S3 endpoint (moto server on loopback)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from memkd_ray.checkpoint import save_checkpoint
+from memkd_ray.cli import main
+from memkd_ray.errors import CheckpointError
+from memkd_ray.metrics import METRIC_KEYS
+from memkd_ray.model import create_memkd
+from memkd_ray.storage.layout import RunLayout, write_results
+from memkd_ray.storage.registry import Registry
+from memkd_ray.storage.uri import open_storage
+from tests.conftest import S3_SECRET, fast_config
+
+CATEGORY = "mesh"
+
+
+@pytest.fixture(scope="module")
+def model_and_config():
+    cfg = fast_config()
+    return create_memkd(cfg), cfg
+
+
+@pytest.fixture(params=["file", "s3"])
+def storage_uri(request, tmp_path: Path) -> str:
+    if request.param == "file":
+        return f"file://{tmp_path / 'store'}"
+    request.getfixturevalue("s3_endpoint")
+    return f"s3://memkd-test/{tmp_path.name}"
+
+
+def publish_run(storage_uri: str, run_id: str, image_auroc: float, model_and_config,
+                tmp_path: Path) -> str:
+    """Store a checkpoint (and results.parquet) as a training run would; returns its URI."""
+    model, cfg = model_and_config
+    metrics = {**dict.fromkeys(METRIC_KEYS, 0.5), "image_auroc": image_auroc}
+    local = save_checkpoint(tmp_path / f"staging-{run_id}", model, cfg, 1, metrics,
+                            category=CATEGORY)
+    storage = open_storage(storage_uri)
+    layout = RunLayout(storage, run_id)
+    base = f"{layout.benchmark_dir('synthetic')}/{CATEGORY}/checkpoint_epoch_0001"
+    for path in local.iterdir():
+        storage.write_bytes(f"{base}/{path.name}", path.read_bytes())
+    uri = storage.uri_for(base)
+    write_results(layout, [{"run_id": run_id, "benchmark": "synthetic", "category": CATEGORY,
+                            "status": "ok", "error": "", **metrics, "checkpoint_uri": uri}])
+    return uri
+
+
+def test_only_the_better_run_becomes_best(storage_uri, model_and_config, tmp_path, capsys):
+    first = publish_run(storage_uri, "run-a", 0.80, model_and_config, tmp_path)
+    better = publish_run(storage_uri, "run-b", 0.95, model_and_config, tmp_path)
+    worse = publish_run(storage_uri, "run-c", 0.90, model_and_config, tmp_path)
+    registry = Registry(open_storage(storage_uri))
+    assert registry.promote(first).promoted
+    assert registry.promote(better).promoted
+    result = registry.promote(worse)
+    assert not result.promoted and result.best["run_id"] == "run-b"
+    best = registry.best("synthetic", CATEGORY)
+    assert best["checkpoint_uri"] == better and best["metrics"]["image_auroc"] == 0.95
+    assert [row["run_id"] for row in registry.history("synthetic", CATEGORY)] == ["run-a",
+                                                                                  "run-b"]
+    # --force replaces even a better model, and the history records it.
+    assert registry.promote(worse, force=True).promoted
+    assert registry.best("synthetic", CATEGORY)["run_id"] == "run-c"
+    history = registry.history("synthetic", CATEGORY)
+    assert [(r["run_id"], r["forced"]) for r in history][-1] == ("run-c", True)
+
+    assert main(["models", "list", "--storage", storage_uri]) == 0
+    table = capsys.readouterr().out
+    assert "synthetic" in table and "run-c" in table and "90.0" in table and "MiB" in table
+    assert main(["models", "list", "--storage", storage_uri, "--format", "json"]) == 0
+    (card,) = json.loads(capsys.readouterr().out)
+    assert card["run_id"] == "run-c" and len(card["sha256"]) == 64
+    assert main(["models", "show", "synthetic/mesh", "--storage", storage_uri]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["config"]["teacher"]["name"] == "efficientnet_lite0"
+    assert shown["package_version"] and shown["teacher"]["weights"].startswith("package:")
+
+
+def test_concurrent_promotions_converge_on_the_best(storage_uri, model_and_config, tmp_path):
+    scores = [0.61, 0.93, 0.72, 0.88, 0.97, 0.55]
+    uris = [publish_run(storage_uri, f"run-{i}", s, model_and_config, tmp_path)
+            for i, s in enumerate(scores)]
+    registry = Registry(open_storage(storage_uri))
+    barrier = threading.Barrier(len(uris))
+    errors = []
+
+    def promote(uri: str) -> None:
+        try:
+            barrier.wait()
+            Registry(open_storage(storage_uri)).promote(uri)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(uri,)) for uri in uris]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    best = registry.best("synthetic", CATEGORY)
+    assert best["run_id"] == "run-4" and best["metrics"]["image_auroc"] == 0.97
+    history = registry.history("synthetic", CATEGORY)
+    assert "run-4" in {row["run_id"] for row in history}
+    assert len(history) == len(registry._claims("synthetic", CATEGORY))
+    # The pointer leads to a complete checkpoint whose hash checks out.
+    assert registry.card(best["checkpoint_uri"])["sha256"] == best["sha256"]
+
+
+def test_partial_checkpoint_is_never_promoted(storage_uri, model_and_config, tmp_path):
+    uri = publish_run(storage_uri, "run-x", 0.99, model_and_config, tmp_path)
+    storage = open_storage(storage_uri)
+    weights = f"{storage.path_of(uri)}/model.safetensors"
+    storage.write_bytes(weights, storage.read_bytes(weights)[:1000])  # an interrupted upload
+    registry = Registry(storage)
+    with pytest.raises(CheckpointError, match="partial upload or tampered"):
+        registry.promote(uri)
+    assert registry.best("synthetic", CATEGORY) is None
+
+
+def test_pull_verifies_and_refuses_a_corrupted_object(storage_uri, model_and_config, tmp_path,
+                                                      capsys):
+    uri = publish_run(storage_uri, "run-p", 0.9, model_and_config, tmp_path)
+    Registry(open_storage(storage_uri)).promote(uri)
+    good = tmp_path / "pulled"
+    assert main(["models", "pull", "synthetic/mesh", "--to", str(good),
+                 "--storage", storage_uri]) == 0
+    assert capsys.readouterr().out.strip() == str(good.resolve())
+    assert {p.name for p in good.iterdir()} == {"model.safetensors", "checkpoint.json"}
+    by_run = tmp_path / "by-run"
+    assert main(["models", "pull", "synthetic/mesh", "--run", "run-p", "--to", str(by_run),
+                 "--storage", storage_uri]) == 0
+    capsys.readouterr()
+
+    storage = open_storage(storage_uri)
+    weights = f"{storage.path_of(uri)}/model.safetensors"
+    data = bytearray(storage.read_bytes(weights))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(weights, bytes(data))
+    bad = tmp_path / "tampered"
+    assert main(["models", "pull", "synthetic/mesh", "--to", str(bad),
+                 "--storage", storage_uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sha256" in err[0] and "tampered or truncated" in err[0]
+    assert not bad.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tampered")] == []
+
+
+def test_predict_and_eval_from_registry_and_s3_uri(s3_endpoint, synth_root, model_and_config,
+                                                   tmp_path, monkeypatch, capsys):
+    storage_uri = f"s3://memkd-test/{tmp_path.name}"
+    uri = publish_run(storage_uri, "run-q", 0.9, model_and_config, tmp_path)
+    Registry(open_storage(storage_uri)).promote(uri)
+    monkeypatch.setenv("MEMKD_RAY_CACHE", str(tmp_path / "cache"))
+    image = synth_root / "mesh" / "test" / "hole" / "000.png"
+    for reference in ("registry:synthetic/mesh", uri):
+        out = tmp_path / f"pred-{len(reference)}"
+        assert main(["-q", "predict", "--checkpoint", reference, str(image), "--out", str(out),
+                     "--storage", storage_uri]) == 0
+        assert list(json.loads(capsys.readouterr().out)) == [str(image)]
+    (cached,) = (tmp_path / "cache").iterdir()  # both references hit the same sha256 entry
+    assert main(["-q", "eval", "--checkpoint", "registry:synthetic/mesh", "--data-root",
+                 str(synth_root), "--category", "mesh", "--storage", storage_uri]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == set(METRIC_KEYS)
+    assert main(["runs", "list", "--storage", storage_uri]) == 0
+    assert "run-q" in capsys.readouterr().out
+    assert main(["runs", "show", "run-q", "--storage", storage_uri]) == 0
+    assert "mesh" in capsys.readouterr().out
+    shutil.rmtree(cached)
+
+
+def test_credentials_never_reach_outputs_or_stored_objects(s3_endpoint, model_and_config,
+                                                           tmp_path, capsys):
+    storage_uri = f"s3://memkd-test/{tmp_path.name}"
+    uri = publish_run(storage_uri, "run-s", 0.9, model_and_config, tmp_path)
+    outputs = []
+    for argv in (["models", "promote", "run-s"], ["models", "list", "--format", "json"],
+                 ["models", "show", "synthetic/mesh"], ["runs", "list"],
+                 ["models", "pull", "synthetic/mesh", "--to", str(tmp_path / "m")]):
+        assert main([*argv, "--storage", storage_uri]) == 0
+        captured = capsys.readouterr()
+        outputs += [captured.out, captured.err]
+    assert "run-s" in outputs[0]
+    assert all(S3_SECRET not in text for text in outputs)
+    listing = s3_endpoint.list_objects_v2(Bucket="memkd-test", Prefix=tmp_path.name)
+    for obj in listing["Contents"]:
+        body = s3_endpoint.get_object(Bucket="memkd-test", Key=obj["Key"])["Body"].read()
+        assert S3_SECRET.encode() not in body, obj["Key"]
+    assert uri.startswith("s3://memkd-test/")
