@@ -61,6 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-promote", dest="promote", action="store_false",
                        help="do not offer the new checkpoints to the model registry")
 
+    search = commands.add_parser("tune", help="hyper-parameter search per category (Ray Tune)")
+    search.add_argument("--config", type=Path)
+    search.add_argument("--data-root")
+    search.add_argument("--category", nargs="+", default=["all"])
+    search.add_argument("--samples", type=int, default=8, help="trials per category")
+    search.add_argument("--space", type=Path,
+                        help="search space YAML (default: tune/default.yaml beside --config)")
+    search.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    search.add_argument("--search", choices=("random", "optuna"), default="random")
+    search.add_argument("--max-concurrent", type=int, default=0,
+                        help="trials at once per category (0: what the cluster holds)")
+    search.add_argument("--select-on", choices=("validation", "test"), default="validation",
+                        help="validation (held-out training images with synthetic defects) "
+                        "or test (leaks the test split into the choice; reported as such)")
+    search.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted search")
+    search.add_argument("--storage", default=DEFAULT_STORAGE)
+    search.add_argument("--workers-per-category", type=int, metavar="K")
+    search.add_argument("--address")
+    search.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE")
+    search.add_argument("--no-promote", dest="promote", action="store_false")
+
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on a category's test set")
     evaluate.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     evaluate.add_argument("--storage", default=DEFAULT_STORAGE, help="registry storage")
@@ -106,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.quiet)
-    handlers = {"data": _data, "train": _train, "eval": _eval, "predict": _predict,
+    handlers = {"data": _data, "train": _train, "tune": _tune, "eval": _eval, "predict": _predict,
                 "models": _models, "runs": _runs}
     try:
         return handlers[args.command](args) or 0
@@ -160,12 +182,7 @@ def _train(args: argparse.Namespace) -> int:
     from memkd_ray.config import load_config
     from memkd_ray.distributed.launcher import train_benchmark
 
-    overrides = list(args.overrides)
-    if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
-    if args.workers_per_category is not None:
-        overrides.append(f"distributed.workers_per_category={args.workers_per_category}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, _train_overrides(args))
     summary = train_benchmark(cfg, args.category, args.storage, address=args.address)
     print(format_results_table(summary.rows))
     print(f"run {summary.run_id}: {summary.results_uri}")
@@ -180,6 +197,69 @@ def _train(args: argparse.Namespace) -> int:
     for row in summary.failed:
         print(f"FAILED {row['category']}: {row['error']}", file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from memkd_ray.config import load_config
+    from memkd_ray.distributed.tune import SearchInterrupted, load_search_space, tune_benchmark
+
+    cfg = space = None
+    if not args.resume:
+        if args.config is None:
+            raise UserInputError("--config is required (or --resume RUN_ID)")
+        cfg = load_config(args.config, _train_overrides(args))
+        space = load_search_space(str(args.space or args.config.parent / "tune" / "default.yaml"))
+    try:
+        summary = tune_benchmark(
+            cfg, args.category, args.storage, space, args.samples, args.scheduler, args.search,
+            args.max_concurrent, args.select_on, address=args.address, resume_run=args.resume,
+            on_message=log.info,
+        )
+    except SearchInterrupted as exc:
+        print(f"memkd-ray: {exc}", file=sys.stderr)
+        return 1
+    print(format_tune_table(summary.rows))
+    print(f"tune run {summary.run_id}: {summary.results_uri}")
+    if args.promote:
+        from memkd_ray.storage.registry import Registry
+        from memkd_ray.storage.uri import open_storage
+
+        registry = Registry(open_storage(args.storage))
+        for row in summary.selected:
+            test = {key: row[f"test_{key}"] for _, key in TABLE_METRICS}
+            _print_promotion(registry.promote(row["checkpoint_uri"], metrics=test))
+    return 0
+
+
+def format_tune_table(rows: list[dict]) -> str:
+    """One line per trial: its searched values, its selection score, and for the selected
+    trial of each category its test metrics (percent, one decimal)."""
+    params = sorted({k for row in rows for k in row if k.startswith("param.")})
+    header = ["category", "trial", *(p.removeprefix("param.") for p in params), "epochs",
+              "selection", "test I-AUROC", "test AU-PRO", ""]
+    lines = [header]
+    for row in rows:
+        lines.append([row["category"], row["trial_id"],
+                      *(_short(row.get(p)) for p in params), str(row["epochs"]),
+                      _percent(row["selection_value"]),
+                      _percent(row["test_image_auroc"]), _percent(row["test_pixel_aupro"]),
+                      " ".join(filter(None, (
+                          f"selected on {row['selected_on']}" if row["selected"] else "",
+                          "default" if row["is_default"] else "")))])
+    return _render(lines)
+
+
+def _short(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    if args.workers_per_category is not None:
+        overrides.append(f"distributed.workers_per_category={args.workers_per_category}")
+    return overrides
 
 
 def _eval(args: argparse.Namespace) -> None:

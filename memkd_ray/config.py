@@ -127,6 +127,16 @@ class DistributedConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Hyper-parameter search: the validation split that selection uses instead of the test."""
+
+    validation_normal_fraction: float = 0.1
+    """Share of the normal training images held out, untouched, for validation."""
+    validation_defect_fraction: float = 0.1
+    """Share held out to carry synthetic defects (cut-paste, scratches, stains)."""
+
+
+@dataclass
 class MemKDConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -136,6 +146,7 @@ class MemKDConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,6 +204,10 @@ def validate(cfg: MemKDConfig) -> MemKDConfig:
         ("distributed.max_failures", cfg.distributed.max_failures >= 0, "must be non-negative"),
         ("distributed.checkpoints_to_keep", cfg.distributed.checkpoints_to_keep >= 2,
          "must be at least 2"),
+        ("tune.validation_normal_fraction", 0 < cfg.tune.validation_normal_fraction < 0.5,
+         "must be between 0 and 0.5"),
+        ("tune.validation_defect_fraction", 0 < cfg.tune.validation_defect_fraction < 0.5,
+         "must be between 0 and 0.5"),
         ("distributed.max_concurrent_categories", cfg.distributed.max_concurrent_categories >= 0,
          "must be non-negative"),
     ]

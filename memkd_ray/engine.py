@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -172,7 +172,16 @@ def predict_maps(
 def evaluate(
     model: MemKD, samples: list[Sample], cfg: MemKDConfig, device: torch.device
 ) -> Evaluation:
-    loader = DataLoader(TestImages(samples, cfg.data.image_size), batch_size=cfg.eval.batch_size)
+    """Maps and the five metrics on a category's test samples."""
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    return evaluate_dataset(model, TestImages(samples, cfg.data.image_size), labels, cfg, device)
+
+
+def evaluate_dataset(
+    model: MemKD, dataset: Dataset, labels: np.ndarray, cfg: MemKDConfig, device: torch.device
+) -> Evaluation:
+    """Maps and the five metrics on any dataset yielding (image in [0, 1], mask)."""
+    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size)
     maps, masks, scores = [], [], []
     for images, batch_masks in loader:
         batch_maps, batch_scores = predict_maps(
@@ -184,7 +193,7 @@ def evaluate(
     result = Evaluation(
         maps=np.concatenate(maps).astype(np.float32),
         masks=np.concatenate(masks).astype(np.uint8),
-        labels=np.array([s.label for s in samples], dtype=np.int64),
+        labels=labels,
         scores=np.concatenate(scores),
         metrics={},
     )

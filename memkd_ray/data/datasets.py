@@ -41,3 +41,17 @@ class TestImages(Dataset):
         image = torch.from_numpy(sample.load_image(self.size)).permute(2, 0, 1)
         mask = torch.from_numpy(sample.load_mask(self.size))
         return to_float(image), mask
+
+
+class ArrayImages(Dataset):
+    """Images and masks already in memory (the validation split), as TestImages yields them."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray) -> None:
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)
+        self.masks = torch.from_numpy(masks)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_float(self.images[index]), self.masks[index]

@@ -45,10 +45,13 @@ def read_eyecandies_category(
     category: str,
     benchmark: str = "eyecandies",
     light: int = DataConfig.eyecandies_light,
+    with_test: bool = True,
 ) -> CategoryData:
     """Normal training renders from train, labelled renders with masks from test_public."""
     base = category_dir(root, category, list_eyecandies_categories)
     train = [Sample(p, 0, DEFECTS[0]) for p in _renders(base / "train", light)]
+    if not with_test:
+        return CategoryData(benchmark, category, train, [])
     test = [_test_sample(p, light) for p in _renders(base / "test_public", light)]
     return CategoryData(benchmark, category, train, test)
 

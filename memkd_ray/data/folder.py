@@ -43,13 +43,16 @@ def read_folder_category(
     category: str,
     benchmark: str = "folder",
     test_fraction: float = DataConfig.folder_test_fraction,
+    with_test: bool = True,
 ) -> CategoryData:
     """Seeded train/test split of good/, plus bad/ with whatever masks exist."""
     base = category_dir(root, category, list_folder_categories)
     good = require_images(base / NORMAL, "normal")
-    bad = require_images(base / ANOMALOUS, "anomalous")
     held_out = _held_out(good, test_fraction, base / NORMAL)
     train = [Sample(p, 0, NORMAL) for i, p in enumerate(good) if i not in held_out]
+    if not with_test:
+        return CategoryData(benchmark, category, train, [])
+    bad = require_images(base / ANOMALOUS, "anomalous")
     test = [Sample(good[i], 0, NORMAL) for i in sorted(held_out)]
     test += [Sample(p, 1, ANOMALOUS, _mask(base / "masks", p)) for p in bad]
     return CategoryData(benchmark, category, train, test)

@@ -28,11 +28,15 @@ def list_mvtec_categories(root: Path) -> list[str]:
     return categories_with(root, f"train/{NORMAL}")
 
 
-def read_mvtec_category(root: Path, category: str, benchmark: str = "mvtec") -> CategoryData:
+def read_mvtec_category(
+    root: Path, category: str, benchmark: str = "mvtec", with_test: bool = True
+) -> CategoryData:
     """Training images from train/good; test images of every defect with their masks."""
     base = category_dir(root, category, list_mvtec_categories)
     train_dir = base / "train" / NORMAL
     train = [Sample(p, 0, NORMAL) for p in require_images(train_dir, "training")]
+    if not with_test:
+        return CategoryData(benchmark, category, train, [])
     test_dir = require_dir(base / "test", "test directory")
     test: list[Sample] = []
     for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):

@@ -32,11 +32,15 @@ def list_mvtec3d_categories(root: Path) -> list[str]:
     return categories_with(root, f"train/{NORMAL}/rgb")
 
 
-def read_mvtec3d_category(root: Path, category: str, benchmark: str = "mvtec3d") -> CategoryData:
+def read_mvtec3d_category(
+    root: Path, category: str, benchmark: str = "mvtec3d", with_test: bool = True
+) -> CategoryData:
     """RGB training images from train/good; RGB test images of every defect with their gt."""
     base = category_dir(root, category, list_mvtec3d_categories)
     train_dir = base / "train" / NORMAL / "rgb"
     train = [Sample(p, 0, NORMAL) for p in require_images(train_dir, "training")]
+    if not with_test:
+        return CategoryData(benchmark, category, train, [])
     test_dir = require_dir(base / "test", "test directory")
     test: list[Sample] = []
     for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):

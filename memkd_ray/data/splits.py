@@ -85,22 +85,32 @@ def reader_options(data: DataConfig) -> dict[str, Any]:
     return {keyword: getattr(data, key) for keyword, key in options.items()}
 
 
-def read_category(benchmark: str, root: str | Path, category: str, **options: Any) -> CategoryData:
+def read_category(
+    benchmark: str, root: str | Path, category: str, with_test: bool = True, **options: Any
+) -> CategoryData:
     """Read a category's splits and check every image and mask header (sizes, readability).
 
     `options` are the benchmark's reader options (see `reader_options`); omitted ones take the
     config defaults.
     """
-    data = get_benchmark(benchmark).read_category(Path(root), category, benchmark, **options)
+    data = get_benchmark(benchmark).read_category(
+        Path(root), category, benchmark, with_test=with_test, **options
+    )
     validate_samples([*data.train, *data.test])
     return data
 
 
-def read_configured_category(data: DataConfig, category: str) -> CategoryData:
-    """Read `category` from `data.root` with the benchmark and reader options of the config."""
+def read_configured_category(
+    data: DataConfig, category: str, with_test: bool = True
+) -> CategoryData:
+    """Read `category` from `data.root` with the benchmark and reader options of the config.
+
+    `with_test=False` leaves the test split untouched (not even listed): hyper-parameter
+    search must not see it before selection.
+    """
     if not data.root:
         raise DataError("data.root is not set (pass --data-root)")
-    return read_category(data.benchmark, data.root, category, **reader_options(data))
+    return read_category(data.benchmark, data.root, category, with_test, **reader_options(data))
 
 
 def resolve_categories(

@@ -47,11 +47,14 @@ def list_visa_categories(root: Path) -> list[str]:
     return sorted({row["object"] for _, row in _rows(root)})
 
 
-def read_visa_category(root: Path, category: str, benchmark: str = "visa") -> CategoryData:
+def read_visa_category(
+    root: Path, category: str, benchmark: str = "visa", with_test: bool = True
+) -> CategoryData:
     """Train and test samples of one object, every listed file checked to exist."""
-    splits: dict[str, list[Sample]] = {"train": [], "test": []}
+    wanted = ("train", "test") if with_test else ("train",)
+    splits: dict[str, list[Sample]] = {split: [] for split in wanted}
     for line, row in _rows(root):
-        if row["object"] == category:
+        if row["object"] == category and row["split"] in wanted:
             split, sample = _sample(root, line, row)
             splits[split].append(sample)
     where = root / SPLIT_FILE
@@ -61,7 +64,7 @@ def read_visa_category(root: Path, category: str, benchmark: str = "visa") -> Ca
     for split, samples in splits.items():
         if not samples:
             raise DataError(f"{where}: no {split} images of {category!r}")
-    return CategoryData(benchmark, category, splits["train"], splits["test"])
+    return CategoryData(benchmark, category, splits["train"], splits.get("test", []))
 
 
 def _sample(root: Path, line: int, row: dict[str, str]) -> tuple[str, Sample]:

@@ -57,8 +57,12 @@ def connect(address: str | None = None) -> None:
     ray.init(address=address, log_to_driver=False, configure_logging=False)
 
 
-def concurrent_categories(cfg: MemKDConfig) -> int:
-    """How many category worker groups fit in the cluster at once."""
+def concurrent_categories(cfg: MemKDConfig, joined: bool = False) -> int:
+    """How many category worker groups fit in the cluster at once.
+
+    On a joined cluster (`--address`) that holds too little right now, one at a time: an
+    autoscaling cluster starts with no GPU nodes and adds them when the trainers ask.
+    """
     d = cfg.distributed
     if d.max_concurrent_categories:
         return d.max_concurrent_categories
@@ -67,6 +71,9 @@ def concurrent_categories(cfg: MemKDConfig) -> int:
     if d.gpus_per_worker:
         gpu_need = d.workers_per_category * d.gpus_per_worker
         slots = min(slots, math.floor(total.get("GPU", 0) / gpu_need + 1e-9))
+    if slots < 1 and joined:
+        log.info("the cluster has no room for a category yet; waiting for the autoscaler")
+        return 1
     if slots < 1:
         raise UserInputError(
             f"a category needs {d.workers_per_category} workers x {d.cpus_per_worker} CPU"
@@ -94,7 +101,7 @@ def train_benchmark(
     connect(address)
     layout = RunLayout.create(storage)
     say = on_message or log.info
-    slots = concurrent_categories(cfg)
+    slots = concurrent_categories(cfg, joined=address is not None)
     say(f"run {layout.run_id}: {len(names)} categories, {slots} at a time, "
         f"{cfg.distributed.workers_per_category} workers each -> {storage.uri_for(layout.run_dir)}")
     progress = Queue(actor_options={"num_cpus": 0})

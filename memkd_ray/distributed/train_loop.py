@@ -21,12 +21,14 @@ from torch.utils.data import DistributedSampler
 from memkd_ray.checkpoint import restore_training_state, save_checkpoint
 from memkd_ray.config import MemKDConfig, from_dict, validate
 from memkd_ray.data import read_configured_category
-from memkd_ray.data.datasets import load_training_images
+from memkd_ray.data.datasets import ArrayImages, load_training_images
+from memkd_ray.data.validation import make_validation_split
 from memkd_ray.engine import (
     MemKDObjective,
     TrainingFeatures,
     TrainState,
     evaluate,
+    evaluate_dataset,
     make_optimizer,
     train_one_epoch,
     use_feature_cache,
@@ -62,7 +64,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.train.num_threads)
     device = ray.train.torch.get_device()
 
-    data = read_configured_category(cfg.data, category)
+    # Under hyper-parameter search (`selection`), every epoch is scored for the scheduler; with
+    # the default validation selection the test split is not even listed.
+    selection = loop_config.get("selection")
+    data = read_configured_category(cfg.data, category, with_test=selection != "validation")
+    train_samples, validation = data.train, None
+    if selection == "validation":
+        split = make_validation_split(data.train, cfg.data.image_size, cfg.train.seed,
+                                      cfg.tune.validation_normal_fraction,
+                                      cfg.tune.validation_defect_fraction)
+        train_samples, validation = split.train, split
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     # On the device before the optimiser exists, so restored Adam moments land beside it.
     model = create_memkd(cfg).to(device)
@@ -75,9 +86,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank != 0:  # the checkpoint holds rank 0's RNG; the others draw their own exemplars
             state.generator.manual_seed(cfg.train.seed + rank + 1000 * state.epoch)
         _emit(progress, rank, {"category": category, "event": "resumed", "epoch": state.epoch})
+    if restored is not None and state.epoch >= cfg.train.epochs:
+        # The run had finished, but whoever launched it died before recording that (an
+        # interrupted search): hand back its last result and checkpoint without retraining.
+        ray.train.report({**state.history[-1], "checkpoint_path": restored.path})
+        return
     objective = ray.train.torch.prepare_model(MemKDObjective(model, cfg))
 
-    images = load_training_images(data.train, cfg.data.image_size)
+    images = load_training_images(train_samples, cfg.data.image_size)
     features = TrainingFeatures(model.teacher, images, device,
                                 use_feature_cache(cfg, model.teacher, len(images)))
     per_worker_batch = max(1, math.ceil(cfg.train.batch_size / world))
@@ -96,7 +112,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                    "seconds": time.perf_counter() - started}
         last = state.epoch == cfg.train.epochs
         every = cfg.train.eval_every
-        if rank == 0 and (last or (every and state.epoch % every == 0)):
+        if rank == 0 and validation is not None:
+            scores = evaluate_dataset(model, ArrayImages(validation.images, validation.masks),
+                                      validation.labels, cfg, device).metrics
+            metrics.update({f"val_{key}": value for key, value in scores.items()})
+        elif rank == 0 and (last or selection or (every and state.epoch % every == 0)):
             metrics.update(evaluate(model, data.test, cfg, device).metrics)
         state.history.append(metrics)
         _emit(progress, rank, {"category": category, "event": "epoch", **metrics})

@@ -128,13 +128,20 @@ class Registry:
         metric: str = DEFAULT_METRIC,
         tiebreak: str = DEFAULT_TIEBREAK,
         force: bool = False,
+        metrics: dict[str, float] | None = None,
     ) -> Promotion:
         """Make a checkpoint the best of its category if it beats the current best on
-        (metric, tiebreak), or unconditionally with `force`."""
+        (metric, tiebreak), or unconditionally with `force`.
+
+        `metrics` replaces the checkpoint's own (a search evaluates its selected checkpoint on
+        the test split after training, so checkpoint.json holds validation scores only).
+        """
         for name in (metric, tiebreak):
             if name not in METRIC_KEYS:
                 raise UserInputError(f"--metric {name}: not one of {', '.join(METRIC_KEYS)}")
         candidate = self.card(checkpoint_uri)
+        if metrics is not None:
+            candidate["metrics"] = {k: float(metrics.get(k, math.nan)) for k in METRIC_KEYS}
         benchmark, category = candidate["benchmark"], candidate["category"]
         current = self.best(benchmark, category)
         if (not force and current is not None
