@@ -32,6 +32,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/ray_overhead.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) memkd-store
