@@ -14,17 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memkd_ray.data.sample import Sample
-from memkd_ray.data.splits import (
-    CategoryData,
-    categories_with,
-    category_dir,
-    require_dir,
-    require_images,
-)
-from memkd_ray.errors import DataError
-
-NORMAL = "good"
+from memkd_ray.data.mvtec import NORMAL, read_mvtec_family
+from memkd_ray.data.splits import CategoryData, categories_with
 
 
 def list_mvtec3d_categories(root: Path) -> list[str]:
@@ -36,29 +27,8 @@ def read_mvtec3d_category(
     root: Path, category: str, benchmark: str = "mvtec3d", with_test: bool = True
 ) -> CategoryData:
     """RGB training images from train/good; RGB test images of every defect with their gt."""
-    base = category_dir(root, category, list_mvtec3d_categories)
-    train_dir = base / "train" / NORMAL / "rgb"
-    train = [Sample(p, 0, NORMAL) for p in require_images(train_dir, "training")]
-    if not with_test:
-        return CategoryData(benchmark, category, train, [])
-    test_dir = require_dir(base / "test", "test directory")
-    test: list[Sample] = []
-    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-        test.extend(_test_samples(defect_dir))
-    if not test:
-        raise DataError(f"{test_dir}: no test images")
-    return CategoryData(benchmark, category, train, test)
-
-
-def _test_samples(defect_dir: Path) -> list[Sample]:
-    defect = defect_dir.name
-    images = require_images(defect_dir / "rgb", f"{defect} test")
-    if defect == NORMAL:
-        return [Sample(p, 0, NORMAL) for p in images]
-    samples = []
-    for image in images:
-        mask = defect_dir / "gt" / f"{image.stem}.png"
-        if not mask.is_file():
-            raise DataError(f"{mask}: ground-truth mask of {image} not found")
-        samples.append(Sample(image, 1, defect, mask))
-    return samples
+    return read_mvtec_family(
+        root, category, benchmark, with_test, list_mvtec3d_categories,
+        images_in=lambda split_dir: split_dir / "rgb",
+        mask_of=lambda base, defect_dir, image: defect_dir / "gt" / f"{image.stem}.png",
+    )
