@@ -27,6 +27,14 @@ def _threads() -> None:
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _checkpoint_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Downloaded checkpoints go to a per-session cache, not the user's ~/.cache."""
+    import os
+
+    os.environ["MEMKD_RAY_CACHE"] = str(tmp_path_factory.mktemp("checkpoint-cache"))
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth")

@@ -209,7 +209,7 @@ def tune_benchmark(
     # Test metrics only now, for the selected trial and, for comparison, the default one.
     for row in rows:
         if row["checkpoint_uri"] and (row["selected"] or row["is_default"]):
-            row.update(_test_metrics(row, storage.uri))
+            row.update(_test_metrics(row, base, storage.uri))
     for row in selected.values():
         say(f"{row['category']}: selected trial {row['trial_id']} "
             f"({row['selection_metric']} {row['selection_value']:.3f}), "
@@ -299,10 +299,11 @@ def _trial_row(result: Any, spec: dict[str, Any], base: MemKDConfig, category: s
     return row
 
 
-def _test_metrics(row: dict, storage_uri: str) -> dict[str, float]:
+def _test_metrics(row: dict, base: MemKDConfig, storage_uri: str) -> dict[str, float]:
+    """The one test evaluation of a trial's checkpoint, on this run's data root."""
     model, checkpoint = load_model(fetch_checkpoint(row["checkpoint_uri"], storage_uri))
     cfg = checkpoint.config
-    data = read_configured_category(cfg.data, row["category"])
+    data = read_configured_category(base.data, row["category"])
     scores = evaluate(model, data.test, cfg, next(model.parameters()).device).metrics
     return {f"test_{k}": v for k, v in scores.items()}
 

@@ -17,6 +17,7 @@ its sha256 checked, so best.json never points to a missing or partial checkpoint
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -285,7 +286,7 @@ def cache_root() -> Path:
 def fetch_checkpoint(reference: str, storage_uri: str) -> Path:
     """A local checkpoint directory for `reference`: a local path, `file://` or `s3://` URI
     of a checkpoint directory, or `registry:BENCHMARK/CATEGORY` (the best model in the
-    registry of `storage_uri`). Remote checkpoints are verified and cached by sha256."""
+    registry of `storage_uri`). Remote checkpoints are verified and cached by content hash."""
     if reference.startswith("registry:"):
         registry = Registry(open_storage(storage_uri))
         benchmark, category = parse_reference(reference)
@@ -299,8 +300,11 @@ def fetch_checkpoint(reference: str, storage_uri: str) -> Path:
     else:
         return Path(reference.removeprefix("file://"))
     base = registry.storage.path_of(uri)
-    meta = parse_checkpoint_meta(registry.read(f"{base}/{META_FILE}"), uri)
-    cached = cache_root() / meta["sha256"]
+    meta_bytes = registry.read(f"{base}/{META_FILE}")
+    parse_checkpoint_meta(meta_bytes, uri)
+    # Keyed by the whole checkpoint.json, which holds the weights' sha256: equal weights
+    # trained under another config (or data root) are another entry.
+    cached = cache_root() / hashlib.sha256(meta_bytes).hexdigest()
     if not cached.exists():
         registry.pull(uri, cached)
     return cached
