@@ -51,7 +51,8 @@ def evaluate(benchmark: str, category: str, data_root: str, storage: str) -> dic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from memkd_ray.cli import TABLE_METRICS, format_results_table
+    from memkd_ray.cli import format_results_table
+    from memkd_ray.metrics import METRIC_KEYS
 
     args = build_parser().parse_args(argv)
     categories = (registered_categories(args.benchmark, args.storage)
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{category}: I-AUROC {100 * row['image_auroc']:.1f}", flush=True)
         else:
             print(f"{category}: FAILED: {row['error']}", flush=True)
-            row.update(dict.fromkeys((key for _, key in TABLE_METRICS), math.nan))
+            row.update(dict.fromkeys(METRIC_KEYS, math.nan))
         rows.append(row)
     print(format_results_table(rows))
     return 1 if any(row["status"] != "ok" for row in rows) else 0

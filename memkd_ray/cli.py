@@ -15,18 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from memkd_ray.errors import UserInputError
+from memkd_ray.metrics import METRIC_LABELS, nan_mean, percent
 
 log = logging.getLogger("memkd_ray")
 DEFAULT_STORAGE = "./memkd-store"
 CHECKPOINT_HELP = ("checkpoint directory, file:// or s3:// URI of one, or registry:BENCH/CAT "
                    "(the best model in --storage)")
-TABLE_METRICS = (
-    ("I-AUROC", "image_auroc"),
-    ("I-AP", "image_ap"),
-    ("P-AUROC", "pixel_auroc"),
-    ("P-AP", "pixel_ap"),
-    ("AU-PRO", "pixel_aupro"),
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train.add_argument("--no-promote", dest="promote", action="store_false",
                        help="do not offer the new checkpoints to the model registry")
+    train.add_argument("--no-report", dest="report", action="store_false",
+                       help="do not write the run report (memkd-ray report) at the end")
 
     search = commands.add_parser("tune", help="hyper-parameter search per category (Ray Tune)")
     search.add_argument("--config", type=Path)
@@ -82,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE")
     search.add_argument("--no-promote", dest="promote", action="store_false")
+    search.add_argument("--no-report", dest="report", action="store_false")
+
+    report = commands.add_parser("report", help="HTML report of a train or tune run")
+    report.add_argument("run_id", metavar="RUN_ID")
+    report.add_argument("--storage", default=DEFAULT_STORAGE)
+    report.add_argument("--out", type=Path, metavar="DIR",
+                        help="local directory (default: the run's report/ folder in --storage)")
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on a category's test set")
     evaluate.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
@@ -129,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.quiet)
     handlers = {"data": _data, "train": _train, "tune": _tune, "eval": _eval, "predict": _predict,
-                "models": _models, "runs": _runs}
+                "models": _models, "runs": _runs, "report": _report}
     try:
         return handlers[args.command](args) or 0
     except UserInputError as exc:
@@ -194,9 +197,31 @@ def _train(args: argparse.Namespace) -> int:
         for row in summary.rows:
             if row["status"] == "ok":
                 _print_promotion(registry.promote(row["checkpoint_uri"]))
+    if args.report:
+        _final_report(args.storage, summary.run_id)
     for row in summary.failed:
         print(f"FAILED {row['category']}: {row['error']}", file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def _report(args: argparse.Namespace) -> None:
+    from memkd_ray.report import write_report
+    from memkd_ray.storage.uri import open_storage
+
+    print(f"report: {write_report(open_storage(args.storage), args.run_id, args.out)}")
+
+
+def _final_report(storage_uri: str, run_id: str) -> None:
+    """The report at the end of train/tune: the results are stored already, so a report that
+    cannot be drawn is a warning with the command to retry, not a failed run."""
+    from memkd_ray.report import write_report
+    from memkd_ray.storage.uri import open_storage
+
+    try:
+        print(f"report: {write_report(open_storage(storage_uri), run_id)}")
+    except Exception as exc:
+        log.warning("report not written (%s: %s); retry with: memkd-ray report %s --storage %s",
+                    type(exc).__name__, exc, run_id, storage_uri)
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -226,8 +251,10 @@ def _tune(args: argparse.Namespace) -> int:
 
         registry = Registry(open_storage(args.storage))
         for row in summary.selected:
-            test = {key: row[f"test_{key}"] for _, key in TABLE_METRICS}
+            test = {key: row[f"test_{key}"] for key in METRIC_LABELS}
             _print_promotion(registry.promote(row["checkpoint_uri"], metrics=test))
+    if args.report:
+        _final_report(args.storage, summary.run_id)
     return 0
 
 
@@ -241,8 +268,8 @@ def format_tune_table(rows: list[dict]) -> str:
     for row in rows:
         lines.append([row["category"], row["trial_id"],
                       *(_short(row.get(p)) for p in params), str(row["epochs"]),
-                      _percent(row["selection_value"]),
-                      _percent(row["test_image_auroc"]), _percent(row["test_pixel_aupro"]),
+                      percent(row["selection_value"]),
+                      percent(row["test_image_auroc"]), percent(row["test_pixel_aupro"]),
                       " ".join(filter(None, (
                           f"selected on {row['selected_on']}" if row["selected"] else "",
                           "default" if row["is_default"] else "")))])
@@ -336,11 +363,11 @@ def _print_promotion(promotion) -> None:
     where = f"{c['benchmark']}/{c['category']}"
     if promotion.promoted:
         print(f"registry: {where} <- run {c['run_id']} "
-              f"(I-AUROC {_percent(c['metrics']['image_auroc'])})")
+              f"(I-AUROC {percent(c['metrics']['image_auroc'])})")
     else:
         best = promotion.best or {}
         print(f"registry: {where} keeps run {best.get('run_id', '?')} "
-              f"(I-AUROC {_percent(best.get('metrics', {}).get('image_auroc', math.nan))}); "
+              f"(I-AUROC {percent(best.get('metrics', {}).get('image_auroc', math.nan))}); "
               f"run {c['run_id']} not better")
 
 
@@ -366,13 +393,13 @@ def format_models_table(cards: list[dict]) -> str:
     from datetime import datetime, timezone
 
     now = datetime.now(timezone.utc)
-    lines = [["benchmark", "category", *(name for name, _ in TABLE_METRICS), "run", "age",
+    lines = [["benchmark", "category", *METRIC_LABELS.values(), "run", "age",
               "size"]]
     for card in cards:
         promoted = datetime.fromisoformat(card["promoted_at"])
         age_h = (now - promoted).total_seconds() / 3600
         lines.append([card["benchmark"], card["category"],
-                      *(_percent(card["metrics"][key]) for _, key in TABLE_METRICS),
+                      *(percent(card["metrics"][key]) for key in METRIC_LABELS),
                       card["run_id"], f"{age_h:.1f}h" if age_h < 48 else f"{age_h / 24:.0f}d",
                       f"{card['size_bytes'] / 2**20:.1f} MiB"])
     return _render(lines)
@@ -380,12 +407,12 @@ def format_models_table(cards: list[dict]) -> str:
 
 def format_results_table(rows: list[dict]) -> str:
     """Per-category metrics in percent with one decimal (the paper's units), plus the mean."""
-    header = ["category", *(name for name, _ in TABLE_METRICS), "status"]
-    lines = [[row["category"], *(_percent(row[key]) for _, key in TABLE_METRICS),
+    header = ["category", *METRIC_LABELS.values(), "status"]
+    lines = [[row["category"], *(percent(row[key]) for key in METRIC_LABELS),
               row.get("status", "ok")] for row in rows]
     done = [row for row in rows if row.get("status", "ok") == "ok"]
     if len(done) > 1:
-        means = [_percent(_mean([row[key] for row in done])) for _, key in TABLE_METRICS]
+        means = [percent(nan_mean([row[key] for row in done])) for key in METRIC_LABELS]
         lines.append(["mean", *means, f"{len(done)} ok"])
     return _render([header, *lines])
 
@@ -396,15 +423,6 @@ def _render(lines: list[list[str]]) -> str:
     return "\n".join("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
                                for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
                      for cells in lines)
-
-
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else float("nan")
-
-
-def _percent(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
 
 
 if __name__ == "__main__":

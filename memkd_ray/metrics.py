@@ -7,6 +7,7 @@ evaluation does (global over the test set, exact thresholds), not RD's 200-thres
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 
 import numpy as np
@@ -14,6 +15,9 @@ from scipy.ndimage import label as label_regions
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
+# The paper's column names (Table 1), for tables printed in its units.
+METRIC_LABELS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "pixel_auroc": "P-AUROC",
+                 "pixel_ap": "P-AP", "pixel_aupro": "AU-PRO"}
 PRO_FPR_LIMIT = 0.3
 
 
@@ -93,3 +97,14 @@ def au_pro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT
     """Normalised area under the PRO curve up to `fpr_limit` (1.0 is perfect)."""
     fpr, pro = pro_curve(maps, masks)
     return area_under_curve(fpr, pro, fpr_limit) / fpr_limit
+
+
+def percent(value: float | None) -> str:
+    """A metric in the paper's units: percent with one decimal; `n/a` where undefined."""
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def nan_mean(values: list[float]) -> float:
+    """Mean of the defined values (a category without pixel masks has no pixel metrics)."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")

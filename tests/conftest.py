@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,18 @@ def s3_endpoint():
         else:
             os.environ[key] = value
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`memkd-ray train` of both synthetic categories into a file store: (run dir, process)."""
+    store = tmp_path_factory.mktemp("store")
+    argv = ["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root", str(synth_root),
+            "--category", "all", "--storage", f"file://{store}"]
+    for override in FAST_OVERRIDES:
+        argv += ["--set", override]
+    result = subprocess.run([sys.executable, "-m", "memkd_ray.cli", *argv], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (store / "runs").iterdir()
+    return run_dir, result

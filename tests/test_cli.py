@@ -3,8 +3,6 @@
 import csv
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,23 +13,9 @@ from sklearn.metrics import roc_auc_score
 
 from memkd_ray.cli import main
 from memkd_ray.metrics import METRIC_KEYS, compute_metrics
-from tests.conftest import CONFIGS, FAST_OVERRIDES
+from tests.conftest import CONFIGS
 
 EPOCH_LINE = re.compile(r"(\w+) epoch (\d+): loss \S+ \(kd (\S+), nm (\S+), orth (\S+)\)")
-
-
-@pytest.fixture(scope="module")
-def trained_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    store = tmp_path_factory.mktemp("store")
-    argv = ["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root", str(synth_root),
-            "--category", "all", "--storage", f"file://{store}"]
-    for override in FAST_OVERRIDES:
-        argv += ["--set", override]
-    result = subprocess.run([sys.executable, "-m", "memkd_ray.cli", *argv], capture_output=True,
-                            text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-2000:]
-    (run_dir,) = (store / "runs").iterdir()
-    return run_dir, result
 
 
 def test_train_writes_the_storage_layout_and_results(trained_run):
@@ -45,7 +29,7 @@ def test_train_writes_the_storage_layout_and_results(trained_run):
         checkpoint = Path(row["checkpoint_uri"].removeprefix("file://"))
         assert checkpoint == run_dir / "synthetic" / row["category"] / "checkpoint_epoch_0006"
         assert {p.name for p in checkpoint.iterdir()} == {
-            "model.safetensors", "checkpoint.json", "training_state.safetensors"}
+            "model.safetensors", "checkpoint.json", "training_state.safetensors", "evaluation"}
         meta = json.loads((checkpoint / "checkpoint.json").read_text())
         assert meta["epoch"] == 6
         assert meta["metrics"] == {k: row[k] for k in METRIC_KEYS}

@@ -122,6 +122,13 @@ def test_broken_category_fails_alone(synth_root, tmp_path, capsys):
     rows = {r["category"]: r for r in pq.read_table(run_dir / "results.parquet").to_pylist()}
     assert rows["mesh"]["status"] == "failed" and "002.png" in rows["mesh"]["error"]
     assert rows["stripes"]["status"] == "ok"
+    # The report still comes: the failed category with its reason and no figures.
+    report = run_dir / "report"
+    assert sorted(p.name for p in report.iterdir()) == [
+        "index.html", "stripes_curves.png", "stripes_examples.png", "stripes_losses.png"]
+    page = (report / "index.html").read_text()
+    assert '<td class="failed">failed: ' in page and "002.png: unreadable image" in page
+    assert "<td>mean of 1</td>" in page
 
 
 @pytest.mark.parametrize(

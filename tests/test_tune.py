@@ -18,7 +18,9 @@ from memkd_ray.data import read_category
 from memkd_ray.data.validation import make_validation_split
 from memkd_ray.distributed.tune import SearchInterrupted, load_search_space, tune_benchmark
 from memkd_ray.errors import ConfigError
-from memkd_ray.metrics import METRIC_KEYS
+from memkd_ray.metrics import METRIC_KEYS, percent
+from memkd_ray.report import write_report
+from memkd_ray.storage.uri import open_storage
 from tests.conftest import CONFIGS, fast_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -107,6 +109,20 @@ def test_asha_search_on_s3_selects_without_reading_the_test_split(one_category, 
             assert all(math.isnan(row[f"test_{k}"]) for k in METRIC_KEYS)
     assert best["checkpoint_uri"].startswith(f"s3://memkd-test/tune/runs/{summary.run_id}/")
     assert any("finished" in m for m in messages)
+
+    # The report of the search lands in the bucket: the selected trial's test metrics, its
+    # curves and examples from the record the one test evaluation left beside its checkpoint.
+    page_uri = write_report(open_storage("s3://memkd-test/tune"), summary.run_id)
+    prefix = f"tune/runs/{summary.run_id}/report/"
+    assert page_uri == f"s3://memkd-test/{prefix}index.html"
+    listed = s3_endpoint.list_objects_v2(Bucket="memkd-test", Prefix=prefix)["Contents"]
+    assert sorted(o["Key"].removeprefix(prefix) for o in listed) == [
+        "index.html", "mesh_curves.png", "mesh_examples.png", "mesh_losses.png"]
+    page = s3_endpoint.get_object(Bucket="memkd-test", Key=f"{prefix}index.html")["Body"]
+    html = page.read().decode()
+    assert (f'data-category="mesh" data-metric="image_auroc">'
+            f'{percent(best["test_image_auroc"])}<') in html
+    assert f"<td>mesh</td><td>{best['trial_id']}</td>" in html
 
 
 def test_interrupted_search_resumes_only_the_remaining_trials(one_category, tmp_path):

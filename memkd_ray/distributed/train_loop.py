@@ -33,6 +33,7 @@ from memkd_ray.engine import (
     train_one_epoch,
     use_feature_cache,
 )
+from memkd_ray.eval_record import RECORD_DIR, encode_eval_record
 from memkd_ray.model import create_memkd
 
 
@@ -98,6 +99,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                 use_feature_cache(cfg, model.teacher, len(images)))
     per_worker_batch = max(1, math.ceil(cfg.train.batch_size / world))
     fault = loop_config.get("fault") or {}
+    record: dict[str, bytes] | None = None
 
     for epoch in range(state.epoch, cfg.train.epochs):
         started = time.perf_counter()
@@ -117,19 +119,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                       validation.labels, cfg, device).metrics
             metrics.update({f"val_{key}": value for key, value in scores.items()})
         elif rank == 0 and (last or selection or (every and state.epoch % every == 0)):
-            metrics.update(evaluate(model, data.test, cfg, device).metrics)
+            evaluation = evaluate(model, data.test, cfg, device)
+            metrics.update(evaluation.metrics)
+            if last and selection is None:  # the final test evaluation, kept for the report
+                record = encode_eval_record(data.test, evaluation.maps, evaluation.masks,
+                                            evaluation.labels, evaluation.scores,
+                                            cfg.data.image_size)
         state.history.append(metrics)
         _emit(progress, rank, {"category": category, "event": "epoch", **metrics})
         if last or state.epoch % cfg.train.checkpoint_every == 0:
-            _report_with_checkpoint(metrics, state, cfg, rank, category)
+            _report_with_checkpoint(metrics, state, cfg, rank, category, record)
         else:
             ray.train.report(metrics)
 
 
 def _report_with_checkpoint(
-    metrics: dict[str, Any], state: TrainState, cfg: MemKDConfig, rank: int, category: str
+    metrics: dict[str, Any], state: TrainState, cfg: MemKDConfig, rank: int, category: str,
+    record: dict[str, bytes] | None,
 ) -> None:
-    """Every worker reports (it is a barrier); only rank 0 attaches the checkpoint."""
+    """Every worker reports (it is a barrier); only rank 0 attaches the checkpoint, with the
+    test evaluation record (eval_record.py) after the last epoch."""
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -137,6 +146,10 @@ def _report_with_checkpoint(
         scored = {k: v for k, v in metrics.items() if k.startswith(("image_", "pixel_"))}
         directory = save_checkpoint(f"{scratch}/checkpoint", state.model, cfg, state.epoch,
                                     scored, state=state, category=category)
+        if record is not None:
+            (directory / RECORD_DIR).mkdir()
+            for name, data in record.items():
+                (directory / RECORD_DIR / name).write_bytes(data)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"checkpoint_epoch_{state.epoch:04d}")
 

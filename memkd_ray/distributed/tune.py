@@ -37,6 +37,7 @@ from memkd_ray.distributed.launcher import concurrent_categories, connect
 from memkd_ray.distributed.train_loop import train_loop_per_worker
 from memkd_ray.engine import evaluate
 from memkd_ray.errors import ConfigError, UserInputError
+from memkd_ray.eval_record import RECORD_DIR, encode_eval_record
 from memkd_ray.metrics import METRIC_KEYS
 from memkd_ray.storage.layout import RunLayout
 from memkd_ray.storage.registry import fetch_checkpoint
@@ -209,7 +210,7 @@ def tune_benchmark(
     # Test metrics only now, for the selected trial and, for comparison, the default one.
     for row in rows:
         if row["checkpoint_uri"] and (row["selected"] or row["is_default"]):
-            row.update(_test_metrics(row, base, storage.uri))
+            row.update(_test_metrics(row, base, storage))
     for row in selected.values():
         say(f"{row['category']}: selected trial {row['trial_id']} "
             f"({row['selection_metric']} {row['selection_value']:.3f}), "
@@ -299,13 +300,19 @@ def _trial_row(result: Any, spec: dict[str, Any], base: MemKDConfig, category: s
     return row
 
 
-def _test_metrics(row: dict, base: MemKDConfig, storage_uri: str) -> dict[str, float]:
-    """The one test evaluation of a trial's checkpoint, on this run's data root."""
-    model, checkpoint = load_model(fetch_checkpoint(row["checkpoint_uri"], storage_uri))
+def _test_metrics(row: dict, base: MemKDConfig, storage: Storage) -> dict[str, float]:
+    """The one test evaluation of a trial's checkpoint, on this run's data root; its record
+    (eval_record.py) goes beside the checkpoint for the report."""
+    model, checkpoint = load_model(fetch_checkpoint(row["checkpoint_uri"], storage.uri))
     cfg = checkpoint.config
     data = read_configured_category(base.data, row["category"])
-    scores = evaluate(model, data.test, cfg, next(model.parameters()).device).metrics
-    return {f"test_{k}": v for k, v in scores.items()}
+    evaluation = evaluate(model, data.test, cfg, next(model.parameters()).device)
+    record = encode_eval_record(data.test, evaluation.maps, evaluation.masks,
+                                evaluation.labels, evaluation.scores, cfg.data.image_size)
+    base_path = storage.path_of(row["checkpoint_uri"])
+    for name, data_bytes in record.items():
+        storage.write_bytes(f"{base_path}/{RECORD_DIR}/{name}", data_bytes)
+    return {f"test_{k}": v for k, v in evaluation.metrics.items()}
 
 
 def _scheduler(name: str, epochs: int) -> Any:

@@ -1,0 +1,160 @@
+"""The report's HTML: one self-contained page (inline CSS, no scripts, no remote assets)
+that refers only to the PNGs beside it."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+import yaml
+
+from memkd_ray.metrics import METRIC_LABELS, nan_mean, percent
+from memkd_ray.report.paper import METHODS, PaperResults
+from memkd_ray.report.run_data import CategoryResult, RunData
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1250px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+tr.mean td { font-weight: bold; border-top: 2px solid #888; }
+tr.paper td { color: #555; font-style: italic; }
+td.failed { color: #b00; text-align: left; }
+table.info td { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+code { font-size: 0.9em; }
+.note { color: #666; font-size: 0.9em; }
+"""
+
+
+def render_page(run: RunData, figures: dict[str, dict[str, str]],
+                paper: PaperResults | None, version: str) -> str:
+    """`figures`: category -> {"curves"|"losses"|"examples": PNG file name}."""
+    benchmarks = sorted({c.benchmark for c in run.categories})
+    parts = [
+        f"<h1>memkd-ray {run.kind} run <code>{escape(run.run_id)}</code></h1>",
+        f"<p>Benchmark {escape(', '.join(benchmarks) or '-')}; results "
+        f"<code>{escape(run.results_uri)}</code>; report by memkd-ray {escape(version)}.</p>",
+        "<h2>Test metrics (%)</h2>",
+        _metrics_table(run, paper),
+    ]
+    if run.kind == "tune":
+        parts += ["<h2>Trials</h2>", _trials_table(run.rows)]
+    for category in run.categories:
+        parts.append(_category_section(category, figures.get(category.category, {})))
+    parts += ["<h2>Run</h2>", _run_section(run)]
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>memkd-ray run {escape(run.run_id)}</title>\n<style>{STYLE}</style>\n"
+            f"</head>\n<body>\n{body}\n</body>\n</html>\n")
+
+
+def _cell(category: str, metric: str, value: float | None) -> str:
+    # data-* attributes name each number, so tools (and the tests) can read the table back.
+    return (f'<td data-category="{escape(category)}" data-metric="{metric}">'
+            f"{percent(value)}</td>")
+
+
+def _metrics_table(run: RunData, paper: PaperResults | None) -> str:
+    per_category = bool(paper and paper.categories)
+    header = ["category", *METRIC_LABELS.values()]
+    if per_category:
+        header += [f"{method} (paper) I-AUROC" for method in METHODS]
+    header.append("status")
+    lines = ["<table>", "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+    for c in run.categories:
+        cells = [f"<td>{escape(c.category)}</td>"]
+        cells += [_cell(c.category, key, c.metrics[key]) for key in METRIC_LABELS]
+        if per_category:
+            cells += [_paper_cell(paper.category(c.category, method, "image_auroc"))
+                      for method in METHODS]
+        failed = c.status != "ok"
+        cells.append(f'<td class="{"failed" if failed else ""}">{escape(c.status)}</td>')
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    done = [c for c in run.categories if c.status == "ok"]
+    if done:
+        cells = [f"<td>mean of {len(done)}</td>"]
+        cells += [_cell("mean", key, nan_mean([c.metrics[key] for c in done]))
+                  for key in METRIC_LABELS]
+        if per_category:
+            cells += ["<td></td>"] * len(METHODS)
+        lines.append('<tr class="mean">' + "".join(cells) + "<td></td></tr>")
+    if paper:
+        for method in METHODS:
+            cells = [f"<td>{method}, paper {escape(paper.source)}</td>"]
+            cells += [_paper_cell(paper.mean.get(method, {}).get(key)) for key in METRIC_LABELS]
+            cells += ["<td></td>"] * ((len(METHODS) if per_category else 0) + 1)
+            lines.append('<tr class="paper">' + "".join(cells) + "</tr>")
+    lines.append("</table>")
+    if paper and len(done) != paper.category_count:
+        lines.append('<p class="note">The paper\'s means cover every category of the '
+                     "benchmark; this run's mean covers the categories above.</p>")
+    return "\n".join(lines)
+
+
+def _paper_cell(value: float | None) -> str:
+    return f"<td>{'' if value is None else f'{value:.1f}'}</td>"
+
+
+def _trials_table(rows: list[dict[str, Any]]) -> str:
+    params = sorted({k for row in rows for k in row if k.startswith("param.")})
+    header = ["category", "trial", *(p.removeprefix("param.") for p in params), "epochs",
+              "selection", ""]
+    lines = ["<table>", "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        notes = " ".join(filter(None, ("selected" if row["selected"] else "",
+                                       "default" if row["is_default"] else "")))
+        values = [row["category"], row["trial_id"], *(_short(row.get(p)) for p in params),
+                  str(row["epochs"]),
+                  f"{row['selection_metric']} {percent(row['selection_value'])}", notes]
+        lines.append("<tr>" + "".join(f"<td>{escape(str(v))}</td>" for v in values) + "</tr>")
+    lines.append("</table>")
+    return "\n".join(lines)
+
+
+def _short(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _category_section(c: CategoryResult, figures: dict[str, str]) -> str:
+    parts = [f'<h2 id="{escape(c.category)}">{escape(c.benchmark)} / {escape(c.category)}</h2>']
+    if c.meta:
+        parts.append(f"<p>Checkpoint of epoch {c.meta['epoch']}: "
+                     f"<code>{escape(c.checkpoint_uri)}</code></p>")
+    else:
+        parts.append(f'<p class="note">No checkpoint ({escape(c.status)}).</p>')
+    titles = {"curves": "ROC and PRO curves", "losses": "Training losses per epoch",
+              "examples": "Examples: ground truth and anomaly map"}
+    for kind, title in titles.items():
+        if kind in figures:
+            parts.append(f"<h3>{title}</h3>\n"
+                         f'<img src="{escape(figures[kind])}" alt="{escape(c.category)} {kind}">')
+    if c.meta and c.record is None:
+        parts.append('<p class="note">This checkpoint has no evaluation record (trained by an '
+                     "older memkd-ray): no curves or examples.</p>")
+    return "\n".join(parts)
+
+
+def _run_section(run: RunData) -> str:
+    metas = [c for c in run.categories if c.meta]
+    if not metas:
+        return '<p class="note">No checkpoints.</p>'
+    first = metas[0].meta
+    teacher = first["teacher"]
+    lines = [
+        '<table class="info">',
+        f"<tr><td>run</td><td><code>{escape(run.run_uri)}</code></td></tr>",
+        f"<tr><td>teacher</td><td>{escape(teacher['name'])} "
+        f"(weights {escape(str(teacher['weights']))})</td></tr>",
+        f"<tr><td>trained by</td><td>memkd-ray {escape(first['package_version'])}</td></tr>",
+    ]
+    for c in metas:
+        lines.append(f"<tr><td>checkpoint {escape(c.category)}</td>"
+                     f"<td><code>{escape(c.checkpoint_uri)}</code></td></tr>")
+    lines.append("</table>")
+    note = ("the selected trial of each category differs only in the searched keys (Trials)"
+            if run.kind == "tune" else "the same for every category")
+    lines.append(f"<h3>Configuration of {escape(metas[0].category)} ({note})</h3>")
+    lines.append(f"<pre>{escape(yaml.safe_dump(first['config'], sort_keys=False))}</pre>")
+    return "\n".join(lines)
