@@ -25,6 +25,7 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0; }
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 code { font-size: 0.9em; }
 .note { color: #666; font-size: 0.9em; }
+.wide { overflow-x: auto; font-size: 0.85em; }
 """
 
 
@@ -50,6 +51,10 @@ def render_page(run: RunData, figures: dict[str, dict[str, str]],
             f"</head>\n<body>\n{body}\n</body>\n</html>\n")
 
 
+def _header_row(names: list[str]) -> str:
+    return "<tr>" + "".join(f"<th>{escape(name)}</th>" for name in names) + "</tr>"
+
+
 def _cell(category: str, metric: str, value: float | None) -> str:
     # data-* attributes name each number, so tools (and the tests) can read the table back.
     return (f'<td data-category="{escape(category)}" data-metric="{metric}">'
@@ -62,7 +67,7 @@ def _metrics_table(run: RunData, paper: PaperResults | None) -> str:
     if per_category:
         header += [f"{method} (paper) I-AUROC" for method in METHODS]
     header.append("status")
-    lines = ["<table>", "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+    lines = ["<table>", _header_row(header)]
     for c in run.categories:
         cells = [f"<td>{escape(c.category)}</td>"]
         cells += [_cell(c.category, key, c.metrics[key]) for key in METRIC_LABELS]
@@ -100,16 +105,19 @@ def _paper_cell(value: float | None) -> str:
 def _trials_table(rows: list[dict[str, Any]]) -> str:
     params = sorted({k for row in rows for k in row if k.startswith("param.")})
     header = ["category", "trial", *(p.removeprefix("param.") for p in params), "epochs",
-              "selection", ""]
-    lines = ["<table>", "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+              "selection", "test I-AUROC", ""]
+    lines = ['<div class="wide"><table>', _header_row(header)]
     for row in rows:
         notes = " ".join(filter(None, ("selected" if row["selected"] else "",
                                        "default" if row["is_default"] else "")))
         values = [row["category"], row["trial_id"], *(_short(row.get(p)) for p in params),
                   str(row["epochs"]),
-                  f"{row['selection_metric']} {percent(row['selection_value'])}", notes]
+                  f"{row['selection_metric']} {percent(row['selection_value'])}",
+                  percent(row["test_image_auroc"]), notes]
         lines.append("<tr>" + "".join(f"<td>{escape(str(v))}</td>" for v in values) + "</tr>")
-    lines.append("</table>")
+    lines.append("</table></div>")
+    lines.append('<p class="note">Test metrics exist for the selected and the default trial '
+                 "only: selection never looks at the test split.</p>")
     return "\n".join(lines)
 
 
