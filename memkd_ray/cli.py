@@ -292,13 +292,14 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 def _eval(args: argparse.Namespace) -> None:
     from memkd_ray.checkpoint import load_model
     from memkd_ray.data import read_configured_category
-    from memkd_ray.engine import evaluate, resolve_device
+    from memkd_ray.engine import evaluate, place_model, resolve_device
     from memkd_ray.inference import save_maps
     from memkd_ray.storage.registry import fetch_checkpoint
 
     device = resolve_device("auto")
     model, checkpoint = load_model(fetch_checkpoint(args.checkpoint, args.storage), device)
     cfg = checkpoint.config
+    model = place_model(model, cfg, device)
     data = read_configured_category(replace(cfg.data, root=args.data_root), args.category)
     evaluation = evaluate(model, data.test, cfg, device)
     if args.save_maps:
@@ -308,15 +309,17 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from memkd_ray.checkpoint import load_model
-    from memkd_ray.engine import resolve_device
+    from memkd_ray.engine import place_model, resolve_device
     from memkd_ray.inference import predict_images
     from memkd_ray.storage.registry import fetch_checkpoint
 
     device = resolve_device("auto")
     model, checkpoint = load_model(fetch_checkpoint(args.checkpoint, args.storage), device)
     cfg = checkpoint.config
+    model = place_model(model, cfg, device)
     scores = predict_images(model, args.images, cfg.data.image_size, cfg.eval.gaussian_sigma,
-                            args.out, device, cfg.eval.batch_size)
+                            args.out, device, cfg.eval.batch_size, precision=cfg.eval.precision,
+                            workers=cfg.train.loader_workers)
     print(json.dumps(scores, indent=2))
 
 

@@ -91,9 +91,28 @@ class TrainConfig:
     """N of the normality embedding learning: normal images drawn per step (Sec. 4.2)."""
     seed: int = 0
     feature_cache: str = "auto"
-    """`on`, `off` or `auto`: keep the frozen teacher's training features in memory."""
+    """Where the frozen teacher's training features are kept: `off` (recomputed every step),
+    `device` (on the training device), `host` (host memory; on CUDA each batch is gathered
+    into pinned memory and copied asynchronously), `on` (device if it fits in
+    `feature_cache_device_share` of the free device memory, else host) or `auto` (as `on`,
+    but only if the cache fits in `feature_cache_max_gb`; recomputed otherwise)."""
     feature_cache_max_gb: float = 4.0
     """Budget for `auto`: the cache is used only if it fits in this many GiB."""
+    feature_cache_device_share: float = 0.5
+    """`auto`/`on` on CUDA: the largest share of the free GPU memory (measured when the cache
+    is built) the cache may take on the device; the rest is left for the training step."""
+    precision: str = "auto"
+    """`fp32`, `bf16` (autocast of the forward passes to bfloat16; losses stay float32) or
+    `auto`: bf16 on CUDA devices with native bfloat16 support, fp32 otherwise (CPU)."""
+    channels_last: str = "auto"
+    """`on` (or true), `off` (or false) or `auto` (on for CUDA, off on CPU): keep the
+    networks' weights in the channels-last (NHWC) memory format, which cuDNN's tensor-core
+    convolutions need."""
+    compile: bool = False
+    """Compile the training step (student forward and losses) with torch.compile."""
+    loader_workers: int = 0
+    """Processes decoding images (the training set once, test images at every evaluation);
+    0 decodes in the calling process."""
     eval_every: int = 0
     """Evaluate on the test split every k epochs (0: only after the last epoch)."""
     checkpoint_every: int = 10
@@ -108,6 +127,10 @@ class EvalConfig:
     gaussian_sigma: float = 4.0
     """Sigma of the Gaussian filter g of Eq. 4."""
     batch_size: int = 16
+    precision: str = "fp32"
+    """`fp32`, `bf16` or `auto` (as `train.precision`) for evaluation and prediction. fp32 by
+    default so that reported metrics do not depend on the hardware; the anomaly maps (cosine
+    distances, up-sampling, Gaussian filter) are float32 either way."""
 
 
 @dataclass
@@ -159,7 +182,10 @@ class MemKDConfig:
 
 _CHOICES = {
     "loss.orth": ("abs", "signed"),
-    "train.feature_cache": ("auto", "on", "off"),
+    "train.feature_cache": ("auto", "on", "off", "device", "host"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.channels_last": ("auto", "on", "off"),
+    "eval.precision": ("auto", "fp32", "bf16"),
 }
 
 
@@ -194,6 +220,11 @@ def validate(cfg: MemKDConfig) -> MemKDConfig:
         ("train.exemplars", cfg.train.exemplars >= 1, "must be positive"),
         ("train.checkpoint_every", cfg.train.checkpoint_every >= 1, "must be positive"),
         ("train.eval_every", cfg.train.eval_every >= 0, "must be non-negative"),
+        ("train.feature_cache_max_gb", cfg.train.feature_cache_max_gb >= 0,
+         "must be non-negative"),
+        ("train.feature_cache_device_share", 0 < cfg.train.feature_cache_device_share <= 1,
+         "must be in (0, 1]"),
+        ("train.loader_workers", cfg.train.loader_workers >= 0, "must be non-negative"),
         ("eval.gaussian_sigma", cfg.eval.gaussian_sigma >= 0, "must be non-negative"),
         ("eval.batch_size", cfg.eval.batch_size >= 1, "must be positive"),
         ("distributed.workers_per_category", cfg.distributed.workers_per_category >= 1,
@@ -335,6 +366,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, bool) and "on" in _CHOICES.get(key, ()):
+            # YAML 1.1 reads a bare on/off (and true/false) as a boolean.
+            return "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,50 +36,177 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype that `train.precision` / `eval.precision` mean on `device`;
+    float32 means no autocast."""
+    if name == "auto":
+        # Only native bfloat16 (Ampere and later): emulated it is slower than float32.
+        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float32
+    return PRECISIONS[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
+    """Autocast the enclosed forward passes to `dtype`; float32 leaves them untouched.
+
+    Losses, memory recall and anomaly maps opt out themselves (model/precision.py). bfloat16
+    has float32's exponent range, so no gradient scaling is needed.
+    """
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def use_channels_last(setting: str, device: torch.device) -> bool:
+    """`train.channels_last` on `device`: `auto` is on for CUDA only, where cuDNN's tensor-core
+    convolutions want NHWC; on CPU the default layout keeps today's results bit for bit."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "on"
+
+
+def place_model(model: MemKD, cfg: MemKDConfig, device: torch.device) -> MemKD:
+    """Move `model` to `device` in the configured memory format (in place; returns it), and
+    on CUDA let cuDNN pick its convolution algorithms by timing them.
+
+    Call it before the optimiser takes its first step, so that Adam's moments are created in
+    the parameters' layout. Inputs need no conversion: a convolution with channels-last
+    weights produces channels-last outputs, so the layout propagates from the first layer.
+    """
+    model = model.to(device)
+    if device.type == "cuda":
+        # Input sizes are fixed: cuDNN may time its algorithms once per shape and keep the best.
+        torch.backends.cudnn.benchmark = True
+    if use_channels_last(cfg.train.channels_last, device):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def maybe_compile(objective: torch.nn.Module, cfg: MemKDConfig) -> torch.nn.Module:
+    """The training objective, compiled with torch.compile if `train.compile` asks for it."""
+    return torch.compile(objective) if cfg.train.compile else objective
+
+
+def teacher_device(teacher: Teacher) -> torch.device:
+    return next(iter(teacher.buffers())).device
+
+
+# Where TrainingFeatures keeps the teacher features: on the training device, in host memory
+# (copied to the device per batch), or nowhere (recomputed per batch).
+CACHE_PLACEMENTS = ("device", "host", "off")
+
+
 class TrainingFeatures:
     """Teacher features of a category's training images, looked up by index.
 
     The teacher is frozen and there is no augmentation, so its features of the training set
-    never change: with the cache on they are computed once (the main training speed lever),
-    otherwise recomputed for every batch and every exemplar set.
+    never change: with a cache they are computed once (the main training speed lever),
+    otherwise recomputed for every batch and every exemplar set. `cache` is a placement of
+    CACHE_PLACEMENTS, or a bool (True: on the device). `precision` is the autocast dtype of
+    the teacher; a bfloat16 cache takes half the memory of a float32 one.
     """
 
     def __init__(
-        self, teacher: Teacher, images: torch.Tensor, device: torch.device, cache: bool,
-        batch_size: int = 32,
+        self, teacher: Teacher, images: torch.Tensor, device: torch.device, cache: bool | str,
+        batch_size: int = 32, *, precision: torch.dtype = torch.float32,
     ) -> None:
         self.teacher = teacher
-        self.images = images
         self.device = device
+        self.precision = precision
+        self.placement = {True: "device", False: "off"}.get(cache, cache)
+        if self.placement not in CACHE_PLACEMENTS:
+            raise ValueError(f"feature cache placement {cache!r} is not one of "
+                             f"{CACHE_PLACEMENTS} or a bool")
+        # Host batches go to a GPU through pinned memory, so the copy runs asynchronously.
+        self.pinned = self.placement == "host" and device.type == "cuda"
         self.cached: list[torch.Tensor] | None = None
-        if cache:
-            chunks = [self._compute(images[i : i + batch_size])
-                      for i in range(0, len(images), batch_size)]
-            self.cached = [torch.cat(stage) for stage in zip(*chunks, strict=True)]
+        if self.placement == "off":
+            # Read at every step: the uint8 images are small next to their features, so they
+            # live on the device and only the indices travel.
+            self.images = images.to(device)
+        else:
+            self.images = images
+            self.cached = self._build_cache(batch_size)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def _compute(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.teacher(to_float(images.to(self.device)))
+        with autocast(self.device, self.precision):
+            return self.teacher(to_float(images.to(self.device)))
+
+    def _build_cache(self, batch_size: int) -> list[torch.Tensor]:
+        # Filled chunk by chunk into preallocated tensors: the device never holds the
+        # chunks and their concatenation at once, which would double the cache's peak size.
+        where = self.device if self.placement == "device" else torch.device("cpu")
+        stages: list[torch.Tensor] = []
+        for start in range(0, len(self.images), batch_size):
+            chunk = self._compute(self.images[start : start + batch_size])
+            if not stages:
+                stages = [torch.empty((len(self.images), *f.shape[1:]), dtype=f.dtype,
+                                      device=where, memory_format=_layout(f)) for f in chunk]
+            for stage, features in zip(stages, chunk, strict=True):
+                stage[start : start + len(features)] = features
+        return stages
 
     def __call__(self, indices: torch.Tensor) -> list[torch.Tensor]:
-        if self.cached is not None:
-            return [stage[indices.to(stage.device)] for stage in self.cached]
-        return self._compute(self.images[indices])
+        if self.cached is None:
+            return self._compute(self.images[indices.to(self.images.device)])
+        if self.pinned:
+            return [_gather_pinned(stage, indices).to(self.device, non_blocking=True)
+                    for stage in self.cached]
+        return [stage[indices.to(stage.device)] for stage in self.cached]
 
 
-def feature_cache_bytes(teacher: Teacher, images: int, size: int) -> int:
+def _layout(tensor: torch.Tensor) -> torch.memory_format:
+    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _gather_pinned(stage: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows of a host tensor, gathered straight into pinned memory (one copy, not two)."""
+    out = torch.empty((len(indices), *stage.shape[1:]), dtype=stage.dtype, pin_memory=True,
+                      memory_format=_layout(stage))
+    return torch.index_select(stage, 0, indices, out=out)
+
+
+def feature_cache_bytes(
+    teacher: Teacher, images: int, size: int, element_size: int = 4
+) -> int:
     per_image = sum(c * (size // s) ** 2 for c, s in zip(teacher.channels, FEATURE_STRIDES,
                                                         strict=True))
-    return 4 * per_image * images
+    return element_size * per_image * images
 
 
-def use_feature_cache(cfg: MemKDConfig, teacher: Teacher, images: int) -> bool:
-    if cfg.train.feature_cache != "auto":
-        return cfg.train.feature_cache == "on"
-    needed = feature_cache_bytes(teacher, images, cfg.data.image_size)
-    return needed <= cfg.train.feature_cache_max_gb * 2**30
+def use_feature_cache(cfg: MemKDConfig, teacher: Teacher, images: int) -> str:
+    """Where to cache the teacher features of `images` training images (CACHE_PLACEMENTS),
+    following `train.feature_cache`; the training device is the teacher's."""
+    setting = cfg.train.feature_cache
+    if setting in CACHE_PLACEMENTS:
+        return setting
+    device = teacher_device(teacher)
+    element_size = resolve_precision(cfg.train.precision, device).itemsize
+    needed = feature_cache_bytes(teacher, images, cfg.data.image_size, element_size)
+    if setting == "auto" and needed > cfg.train.feature_cache_max_gb * 2**30:
+        return "off"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if needed > cfg.train.feature_cache_device_share * free:
+            return "host"
+    return "device"
+
+
+def training_features(
+    cfg: MemKDConfig, teacher: Teacher, images: torch.Tensor, device: torch.device
+) -> TrainingFeatures:
+    """TrainingFeatures with the configured cache placement and training precision."""
+    return TrainingFeatures(teacher, images, device, use_feature_cache(cfg, teacher, len(images)),
+                            precision=resolve_precision(cfg.train.precision, device))
 
 
 def shuffled_batches(
@@ -127,24 +255,32 @@ def train_one_epoch(
     """One pass over `batches` (index tensors); returns the mean of each loss term.
 
     `objective` computes the loss terms; by default `MemKDObjective(model)`, under
-    distributed training the same wrapped for gradient synchronisation.
+    distributed training the same wrapped for gradient synchronisation. The forward pass runs
+    under `train.precision`'s autocast on the features' device; the loss terms are float32.
     """
     model.train()
     objective = objective if objective is not None else MemKDObjective(model, cfg)
-    totals = dict.fromkeys(LOSS_TERMS, 0.0)
-    steps = 0
+    dtype = resolve_precision(cfg.train.precision, features.device)
+    steps = []
     for batch in batches:
         exemplars = None
         if model.needs_exemplars(cfg.loss.lambda_nm):
             exemplars = features(exemplar_indices(len(features), cfg.train.exemplars, generator))
-        terms = objective(features(batch), exemplars)
+        teacher_features = features(batch)
+        with autocast(features.device, dtype):
+            terms = objective(teacher_features, exemplars)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
-        for key in LOSS_TERMS:
-            totals[key] += float(terms[key].detach())
-        steps += 1
-    return {key: value / max(steps, 1) for key, value in totals.items()}
+        # Kept on the device until the epoch ends: reading a loss every step would make the
+        # host wait for the GPU every step.
+        steps.append(torch.stack([terms[key].detach() for key in LOSS_TERMS]))
+    totals = dict.fromkeys(LOSS_TERMS, 0.0)
+    # Summed one by one in Python floats, exactly as a per-step float() would.
+    for row in torch.stack(steps).tolist() if steps else []:
+        for key, value in zip(LOSS_TERMS, row, strict=True):
+            totals[key] += value
+    return {key: value / max(len(steps), 1) for key, value in totals.items()}
 
 
 @dataclass
@@ -160,11 +296,14 @@ class Evaluation:
 
 @torch.no_grad()
 def predict_maps(
-    model: MemKD, images: torch.Tensor, size: int, sigma: float
+    model: MemKD, images: torch.Tensor, size: int, sigma: float,
+    precision: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anomaly maps (B, size, size) and image scores (B,) for images in [0, 1]."""
+    """Float32 anomaly maps (B, size, size) and image scores (B,) for images in [0, 1], on
+    the images' device; the networks run under autocast to `precision`."""
     model.eval()
-    teacher_features, student_features = model(images)
+    with autocast(images.device, precision):
+        teacher_features, student_features = model(images)
     maps = anomaly_map(student_features, teacher_features, size, sigma)
     return maps, image_scores(maps)
 
@@ -180,25 +319,38 @@ def evaluate(
 def evaluate_dataset(
     model: MemKD, dataset: Dataset, labels: np.ndarray, cfg: MemKDConfig, device: torch.device
 ) -> Evaluation:
-    """Maps and the five metrics on any dataset yielding (image in [0, 1], mask)."""
-    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size)
+    """Maps and the five metrics on any dataset yielding (image in [0, 1], mask), predicted
+    in batches of `eval.batch_size` under `eval.precision`."""
+    loader = image_loader(dataset, cfg.eval.batch_size, cfg.train.loader_workers, device)
+    precision = resolve_precision(cfg.eval.precision, device)
     maps, masks, scores = [], [], []
     for images, batch_masks in loader:
         batch_maps, batch_scores = predict_maps(
-            model, images.to(device), cfg.data.image_size, cfg.eval.gaussian_sigma
+            model, images.to(device, non_blocking=True), cfg.data.image_size,
+            cfg.eval.gaussian_sigma, precision,
         )
-        maps.append(batch_maps.float().cpu().numpy())
-        scores.append(batch_scores.float().cpu().numpy())
-        masks.append(batch_masks.numpy())
+        # Left on the device and fetched once: no wait for the GPU between batches.
+        maps.append(batch_maps)
+        scores.append(batch_scores)
+        masks.append(batch_masks)
     result = Evaluation(
-        maps=np.concatenate(maps).astype(np.float32),
-        masks=np.concatenate(masks).astype(np.uint8),
+        maps=torch.cat(maps).cpu().numpy(),
+        masks=torch.cat(masks).numpy().astype(np.uint8),
         labels=labels,
-        scores=np.concatenate(scores),
+        scores=torch.cat(scores).cpu().numpy(),
         metrics={},
     )
     result.metrics = compute_metrics(result.maps, result.masks, result.labels, result.scores)
     return result
+
+
+def image_loader(
+    dataset: Dataset, batch_size: int, workers: int, device: torch.device
+) -> DataLoader:
+    """Batches of decoded images: `workers` processes decode, and batches bound for a GPU
+    land in pinned memory so their copies can run asynchronously."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                      pin_memory=device.type == "cuda")
 
 
 def make_optimizer(model: MemKD, cfg: MemKDConfig) -> torch.optim.Optimizer:
@@ -231,18 +383,19 @@ def fit(
 ) -> Evaluation:
     """Train from `state.epoch` to `cfg.train.epochs`, evaluate on the test split at the
     configured epochs and at the end; `on_epoch` sees every epoch (for checkpoints, logs)."""
-    model = state.model.to(device)
-    images = load_training_images(data.train, cfg.data.image_size)
-    cache = use_feature_cache(cfg, model.teacher, len(images))
-    features = TrainingFeatures(model.teacher, images, device, cache)
-    log.info("%s/%s: %d training images, teacher feature cache %s", data.benchmark,
-             data.category, len(images), "on" if cache else "off")
+    model = place_model(state.model, cfg, device)
+    images = load_training_images(data.train, cfg.data.image_size, cfg.train.loader_workers)
+    features = training_features(cfg, model.teacher, images, device)
+    objective = maybe_compile(MemKDObjective(model, cfg), cfg)
+    log.info("%s/%s: %d training images, teacher feature cache %s, teacher in %s",
+             data.benchmark, data.category, len(images), features.placement,
+             str(features.precision).removeprefix("torch."))
     epochs = range(state.epoch, cfg.train.epochs)
     with logging_redirect_tqdm():
         # disable=None: a bar on terminals only, clean epoch lines in logs and CI.
         bar = tqdm(epochs, desc=data.category, unit="epoch", disable=None if progress else True,
                    leave=False)
-        evaluation = _run_epochs(state, bar, features, data, cfg, device, on_epoch)
+        evaluation = _run_epochs(state, bar, features, objective, data, cfg, device, on_epoch)
     if evaluation is None:  # nothing left to train: evaluate the loaded weights
         evaluation = evaluate(model, data.test, cfg, device)
     return evaluation
@@ -252,6 +405,7 @@ def _run_epochs(
     state: TrainState,
     bar: tqdm,
     features: TrainingFeatures,
+    objective: torch.nn.Module,
     data: CategoryData,
     cfg: MemKDConfig,
     device: torch.device,
@@ -262,7 +416,8 @@ def _run_epochs(
     for epoch in bar:
         started = time.perf_counter()
         batches = shuffled_batches(len(features), cfg.train.batch_size, state.generator)
-        stats = train_one_epoch(model, features, batches, state.optimizer, cfg, state.generator)
+        stats = train_one_epoch(model, features, batches, state.optimizer, cfg, state.generator,
+                                objective)
         state.epoch = epoch + 1
         stats = {"epoch": state.epoch, **stats, "seconds": time.perf_counter() - started}
         last = state.epoch == cfg.train.epochs

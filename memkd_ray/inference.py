@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from memkd_ray.data.datasets import DecodedImages, to_float
 from memkd_ray.data.sample import Sample
-from memkd_ray.engine import Evaluation, predict_maps
+from memkd_ray.engine import Evaluation, image_loader, predict_maps, resolve_precision
 from memkd_ray.model import MemKD
 
 INDEX_FILE = "index.csv"
@@ -46,31 +47,38 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
 
 def predict_images(
     model: MemKD, paths: Sequence[Path], size: int, sigma: float, out: str | Path,
-    device: torch.device, batch_size: int = 16,
+    device: torch.device, batch_size: int = 16, *, precision: str = "fp32", workers: int = 0,
 ) -> dict[str, float]:
     """Write `NNNN_<stem>.png` overlays (NNNN = position in `paths`, so equal file names from
     different folders never collide) and `scores.json`; returns {path: image score}.
 
     Overlays share one colour scale (the lowest to the highest map value over all given
-    images), so brighter means more anomalous across the whole set.
+    images), so brighter means more anomalous across the whole set. Images are decoded by
+    `workers` processes and predicted in batches under `precision` (as `eval.precision`).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     samples = [Sample(Path(p), 0, "unknown") for p in paths]
-    images = [s.load_image(size) for s in samples]
-    maps, scores = [], []
-    for start in range(0, len(images), batch_size):
-        chunk = np.stack(images[start : start + batch_size])
-        batch = torch.from_numpy(chunk).permute(0, 3, 1, 2).float().div(255).to(device)
-        batch_maps, batch_scores = predict_maps(model, batch, size, sigma)
-        maps.append(batch_maps.cpu().numpy())
-        scores.extend(batch_scores.cpu().tolist())
-    all_maps = np.concatenate(maps)
+    loader = image_loader(DecodedImages(samples, size), batch_size, workers, device)
+    dtype = resolve_precision(precision, device)
+    images, maps, scores = [], [], []
+    for batch in loader:
+        # uint8 crosses to the device (a quarter of the bytes) and becomes float there.
+        pixels = to_float(batch.to(device, non_blocking=True))
+        batch_maps, batch_scores = predict_maps(model, pixels, size, sigma, dtype)
+        images.append(batch)
+        maps.append(batch_maps)
+        scores.append(batch_scores)
+    # One transfer for the whole set: the device is not waited on between batches.
+    all_maps = torch.cat(maps).cpu().numpy()
+    all_scores = torch.cat(scores).cpu().tolist()
+    all_images = torch.cat(images).permute(0, 2, 3, 1).numpy()
     low, high = float(all_maps.min()), float(all_maps.max())
-    for index, (sample, image, amap) in enumerate(zip(samples, images, all_maps, strict=True)):
+    for index, (sample, image, amap) in enumerate(zip(samples, all_images, all_maps,
+                                                      strict=True)):
         heat = heat_colours((amap - low) / max(high - low, 1e-12))
         blended = (0.55 * image + 0.45 * heat).astype(np.uint8)
         Image.fromarray(blended).save(out / f"{index:04d}_{sample.image_path.stem}.png")
-    result = {str(s.image_path): float(v) for s, v in zip(samples, scores, strict=True)}
+    result = {str(s.image_path): v for s, v in zip(samples, all_scores, strict=True)}
     (out / "scores.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -15,11 +15,14 @@ import pytest
 from memkd_ray.cli import main
 from memkd_ray.data.synthetic import generate_benchmark
 from memkd_ray.distributed.launcher import train_benchmark
+from memkd_ray.eval_record import RECORD_FILES
 from memkd_ray.metrics import METRIC_KEYS
 from tests.conftest import CONFIGS, S3_SECRET, fast_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-CHECKPOINT_FILES = {"model.safetensors", "checkpoint.json", "training_state.safetensors"}
+# The final checkpoint: weights, training state, metadata and the test evaluation record.
+CHECKPOINT_FILES = {"model.safetensors", "checkpoint.json", "training_state.safetensors",
+                    *(f"evaluation/{name}" for name in RECORD_FILES)}
 
 
 def _config(root: Path, *extra: str):
@@ -41,7 +44,8 @@ def test_two_categories_concurrently_stream_to_s3(synth_root, s3_endpoint):
     assert f"{run}/results.parquet" in keys
     for category in ("mesh", "stripes"):
         prefix = f"{run}/synthetic/{category}/checkpoint_epoch_0002/"
-        files = {k.removeprefix(prefix) for k in keys if k.startswith(prefix)} - {""}  # dir marker
+        files = {k.removeprefix(prefix) for k in keys
+                 if k.startswith(prefix) and not k.endswith("/")}  # not directory markers
         assert files == CHECKPOINT_FILES
 
     body = s3_endpoint.get_object(Bucket="memkd-test", Key=f"{run}/results.parquet")["Body"]
@@ -78,7 +82,8 @@ def test_file_storage_queues_categories_beyond_the_cluster(tmp_path):
     assert pq.read_table(run_dir / "results.parquet").num_rows == 3
     for row in summary.rows:
         checkpoint = run_dir / "synthetic" / row["category"] / "checkpoint_epoch_0001"
-        assert {p.name for p in checkpoint.iterdir()} == CHECKPOINT_FILES
+        assert {p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*")
+                if p.is_file()} == CHECKPOINT_FILES
         assert row["checkpoint_uri"] == checkpoint.as_uri()
 
 

@@ -36,13 +36,16 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from memkd_ray.eval_record import RECORD_FILES
 from memkd_ray.metrics import METRIC_KEYS
 from tests.conftest import FAST_OVERRIDES, REPO, S3_SECRET
 
 RAY = Path(sys.executable).with_name("ray")
 NODE_START_TIMEOUT_S = 180
 JOB_TIMEOUT_S = 600
-CHECKPOINT_FILES = {"model.safetensors", "checkpoint.json", "training_state.safetensors"}
+# The final checkpoint: weights, training state, metadata and the test evaluation record.
+CHECKPOINT_FILES = {"model.safetensors", "checkpoint.json", "training_state.safetensors",
+                    *(f"evaluation/{name}" for name in RECORD_FILES)}
 # 1 epoch, 1 thread, and a whole CPU per worker: 2 categories need both nodes.
 JOB_OVERRIDES = [
     *(o for o in FAST_OVERRIDES if not o.startswith(("train.epochs", "train.num_threads"))),
@@ -225,9 +228,11 @@ def test_results_checkpoints_and_registry_are_in_the_bucket(benchmark_job, s3_en
         assert row["status"] == "ok" and row["epochs"] == 1 and row["workers"] == 1
         assert all(0.0 <= row[key] <= 1.0 for key in METRIC_KEYS)
         checkpoint = f"{prefix}/runs/{run_id}/synthetic/{row['category']}/checkpoint_epoch_0001/"
-        assert {k.removeprefix(checkpoint) for k in keys if k.startswith(checkpoint)} - {""} == (
-            CHECKPOINT_FILES)
+        assert {k.removeprefix(checkpoint) for k in keys
+                if k.startswith(checkpoint) and not k.endswith("/")} == CHECKPOINT_FILES
         assert f"{prefix}/registry/synthetic/{row['category']}/best.json" in keys
+        assert f"{prefix}/runs/{run_id}/report/{row['category']}_curves.png" in keys
+    assert f"{prefix}/runs/{run_id}/report/index.html" in keys
 
 
 def test_eval_job_reevaluates_the_registered_models(benchmark_job, cluster, synth_root):

@@ -6,19 +6,25 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from memkd_ray.data.sample import Sample
 
+# Images per decoding task: large enough to amortise a worker round trip, small enough that
+# every worker gets several.
+DECODE_BATCH = 16
 
-def load_training_images(samples: Sequence[Sample], size: int) -> torch.Tensor:
-    """All training images as one uint8 tensor (N, 3, size, size).
+
+def load_training_images(samples: Sequence[Sample], size: int, workers: int = 0) -> torch.Tensor:
+    """All training images as one uint8 tensor (N, 3, size, size), decoded by `workers`
+    processes (0: in this one).
 
     Without augmentation every epoch sees the same pixels, so decoding them once is cheaper
-    than a loader; at 256 px even VisA's largest category takes under 200 MB.
+    than a loader per epoch; at 256 px even VisA's largest category takes under 200 MB.
     """
-    images = np.stack([s.load_image(size) for s in samples])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    loader = DataLoader(DecodedImages(samples, size), batch_size=DECODE_BATCH,
+                        num_workers=workers)
+    return torch.cat(list(loader))
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -26,8 +32,13 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255)
 
 
-class TestImages(Dataset):
-    """Test images in [0, 1] with their binary masks, resized to the metric resolution."""
+def _decode_image(sample: Sample, size: int) -> torch.Tensor:
+    """A sample's image as uint8 (3, size, size)."""
+    return torch.from_numpy(sample.load_image(size)).permute(2, 0, 1)
+
+
+class SampleDataset(Dataset):
+    """Samples decoded lazily at one size, so that loader workers can decode in parallel."""
 
     def __init__(self, samples: Sequence[Sample], size: int) -> None:
         self.samples = list(samples)
@@ -36,11 +47,21 @@ class TestImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+
+class DecodedImages(SampleDataset):
+    """Samples' images as uint8 (3, size, size)."""
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return _decode_image(self.samples[index], self.size)
+
+
+class TestImages(SampleDataset):
+    """Test images in [0, 1] with their binary masks, resized to the metric resolution."""
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = self.samples[index]
-        image = torch.from_numpy(sample.load_image(self.size)).permute(2, 0, 1)
         mask = torch.from_numpy(sample.load_mask(self.size))
-        return to_float(image), mask
+        return to_float(_decode_image(sample, self.size)), mask
 
 
 class ArrayImages(Dataset):

@@ -25,13 +25,14 @@ from memkd_ray.data.datasets import ArrayImages, load_training_images
 from memkd_ray.data.validation import make_validation_split
 from memkd_ray.engine import (
     MemKDObjective,
-    TrainingFeatures,
     TrainState,
     evaluate,
     evaluate_dataset,
     make_optimizer,
+    maybe_compile,
+    place_model,
     train_one_epoch,
-    use_feature_cache,
+    training_features,
 )
 from memkd_ray.eval_record import RECORD_DIR, encode_eval_record
 from memkd_ray.model import create_memkd
@@ -77,7 +78,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_samples, validation = split.train, split
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     # On the device before the optimiser exists, so restored Adam moments land beside it.
-    model = create_memkd(cfg).to(device)
+    model = place_model(create_memkd(cfg), cfg, device)
     state = TrainState(model, make_optimizer(model, cfg),
                        torch.Generator().manual_seed(cfg.train.seed + rank))
     restored = ray.train.get_checkpoint()
@@ -92,11 +93,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # interrupted search): hand back its last result and checkpoint without retraining.
         ray.train.report({**state.history[-1], "checkpoint_path": restored.path})
         return
-    objective = ray.train.torch.prepare_model(MemKDObjective(model, cfg))
+    objective = maybe_compile(ray.train.torch.prepare_model(MemKDObjective(model, cfg)), cfg)
 
-    images = load_training_images(train_samples, cfg.data.image_size)
-    features = TrainingFeatures(model.teacher, images, device,
-                                use_feature_cache(cfg, model.teacher, len(images)))
+    images = load_training_images(train_samples, cfg.data.image_size, cfg.train.loader_workers)
+    features = training_features(cfg, model.teacher, images, device)
     per_worker_batch = max(1, math.ceil(cfg.train.batch_size / world))
     fault = loop_config.get("fault") or {}
     record: dict[str, bytes] | None = None

@@ -7,7 +7,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from memkd_ray.model.precision import in_float32
 
+
+@in_float32
 def anomaly_map(
     student_features: Sequence[torch.Tensor],
     teacher_features: Sequence[torch.Tensor],
@@ -15,7 +18,8 @@ def anomaly_map(
     sigma: float = 4.0,
 ) -> torch.Tensor:
     """Eq. 3-4: per stage per-pixel 1 - cosine over channels, bilinear up-sampling to the input
-    size, summed over stages, then a Gaussian filter. Returns (B, size, size)."""
+    size, summed over stages, then a Gaussian filter. Returns float32 (B, size, size), also
+    for bfloat16 features."""
     total = None
     for student, teacher in zip(student_features, teacher_features, strict=True):
         distance = 1 - F.cosine_similarity(student, teacher, dim=1).unsqueeze(1)

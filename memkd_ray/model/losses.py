@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from memkd_ray.model.memory import NormalityRecallMemory
+from memkd_ray.model.precision import in_float32
 
 
+@in_float32
 def distillation_loss(
     student_features: Sequence[torch.Tensor], teacher_features: Sequence[torch.Tensor]
 ) -> torch.Tensor:
@@ -21,6 +23,7 @@ def distillation_loss(
     return total
 
 
+@in_float32
 def normality_memorization_loss(
     memory: NormalityRecallMemory, exemplar_features: torch.Tensor
 ) -> torch.Tensor:
@@ -30,6 +33,7 @@ def normality_memorization_loss(
     return (exemplar_features - reconstructed).pow(2).sum(dim=1).mean()
 
 
+@in_float32
 def pairwise_orthogonal_loss(
     keys: torch.Tensor, values: torch.Tensor, mode: str = "abs"
 ) -> torch.Tensor:

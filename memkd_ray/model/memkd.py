@@ -62,7 +62,9 @@ class MemKD(nn.Module):
         outputs = []
         for site, stage in zip(MEMORY_SITES, self.student.decoder, strict=True):
             if site in self.memories:
-                x = torch.cat([x, self.memories[site](x)], dim=1)
+                # The recall is computed in float32; the concatenation keeps the stage's dtype
+                # (bfloat16 under autocast, where the next convolution would cast it anyway).
+                x = torch.cat([x, self.memories[site](x).to(x.dtype)], dim=1)
             x = stage(x)
             outputs.append(x)
         return outputs[::-1]

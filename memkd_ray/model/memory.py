@@ -6,14 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memkd_ray.model.precision import in_float32
 
+
+@in_float32
 def cosine_attention(
     features: torch.Tensor, addresses: torch.Tensor, contents: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """Per position, a softmax over L of cosine(feature, address) / T, then a weighted sum of
     the contents (Eq. 5-6 with addresses = keys; Eq. 8-9 with addresses = values).
 
-    features: (B, C, H, W); addresses, contents: (L, C). Returns (B, C, H, W).
+    features: (B, C, H, W); addresses, contents: (L, C). Returns float32 (B, C, H, W).
     """
     b, c, h, w = features.shape
     queries = F.normalize(features.flatten(2).transpose(1, 2), dim=-1)  # (B, HW, C)
