@@ -22,7 +22,7 @@ from memkd_ray.config import MemKDConfig
 from memkd_ray.data import CategoryData
 from memkd_ray.data.datasets import TestImages, load_training_images, to_float
 from memkd_ray.data.sample import Sample
-from memkd_ray.metrics import compute_metrics
+from memkd_ray.metrics import Curve, metrics_and_curves
 from memkd_ray.model import MemKD, anomaly_map, image_scores
 from memkd_ray.model.teacher import FEATURE_STRIDES, Teacher
 
@@ -292,6 +292,8 @@ class Evaluation:
     labels: np.ndarray
     scores: np.ndarray
     metrics: dict[str, float]
+    curves: dict[str, Curve] = field(default_factory=dict)
+    """The ROC and PRO curves behind the metrics (metrics.metrics_and_curves)."""
 
 
 @torch.no_grad()
@@ -340,7 +342,8 @@ def evaluate_dataset(
         scores=torch.cat(scores).cpu().numpy(),
         metrics={},
     )
-    result.metrics = compute_metrics(result.maps, result.masks, result.labels, result.scores)
+    result.metrics, result.curves = metrics_and_curves(result.maps, result.masks,
+                                                       result.labels, result.scores)
     return result
 
 

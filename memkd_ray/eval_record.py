@@ -17,16 +17,18 @@ import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
-from sklearn.metrics import roc_curve
 
 from memkd_ray.data.sample import Sample
-from memkd_ray.metrics import pro_curve
+
+if TYPE_CHECKING:  # the record itself needs no torch
+    from memkd_ray.engine import Evaluation
 
 RECORD_DIR = "evaluation"
 IMAGES_FILE = "images.parquet"
@@ -80,31 +82,11 @@ def thin_curve(x: np.ndarray, y: np.ndarray, points: int = CURVE_POINTS
     return x[keep], y[keep]
 
 
-def evaluation_curves(
-    maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, scores: np.ndarray
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Image ROC, pixel ROC and PRO, each only where the test split defines it."""
-    curves = {}
-    if 0 < labels.sum() < len(labels):
-        fpr, tpr, _ = roc_curve(labels, scores)
-        curves["image_roc"] = (fpr, tpr)
-    pixels = masks.astype(bool)
-    if pixels.any() and (~pixels).any():
-        fpr, tpr, _ = roc_curve(pixels.ravel(), maps.ravel())
-        curves["pixel_roc"] = thin_curve(fpr, tpr)
-        curves["pro"] = thin_curve(*pro_curve(maps, masks))
-    return curves
-
-
 def encode_eval_record(
-    samples: Sequence[Sample],
-    maps: np.ndarray,
-    masks: np.ndarray,
-    labels: np.ndarray,
-    scores: np.ndarray,
-    image_size: int,
+    samples: Sequence[Sample], evaluation: Evaluation, image_size: int
 ) -> dict[str, bytes]:
     """The record's files as bytes, by file name (RECORD_FILES), for any storage to write."""
+    labels, scores, maps = evaluation.labels, evaluation.scores, evaluation.maps
     chosen = select_examples(labels, scores)
     role_of = {index: role for role, index in chosen.items()}
     images = pa.table({
@@ -116,10 +98,11 @@ def encode_eval_record(
         "example": [role_of.get(i, "") for i in range(len(samples))],
     })
     names, xs, ys = [], [], []
-    for name, (x, y) in evaluation_curves(maps, masks, labels, scores).items():
+    for name, (x, y) in evaluation.curves.items():
+        x, y = thin_curve(np.asarray(x, np.float64), np.asarray(y, np.float64))
         names += [name] * len(x)
-        xs.append(np.asarray(x, np.float64))
-        ys.append(np.asarray(y, np.float64))
+        xs.append(x)
+        ys.append(y)
     curves = pa.table({
         "curve": pa.array(names, pa.string()),
         "x": pa.array(np.concatenate(xs) if xs else [], pa.float64()),
@@ -128,7 +111,7 @@ def encode_eval_record(
     tensors = {}
     for role, index in chosen.items():
         tensors[f"{role}.image"] = samples[index].load_image(image_size)
-        tensors[f"{role}.mask"] = np.ascontiguousarray(masks[index], dtype=np.uint8)
+        tensors[f"{role}.mask"] = np.ascontiguousarray(evaluation.masks[index], dtype=np.uint8)
         tensors[f"{role}.map"] = np.ascontiguousarray(maps[index], dtype=np.float32)
     metadata = {"map_low": repr(float(maps.min())), "map_high": repr(float(maps.max()))}
     return {

@@ -12,7 +12,7 @@ from bisect import bisect_left
 
 import numpy as np
 from scipy.ndimage import label as label_regions
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import auc, average_precision_score, roc_curve
 
 METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
 # The paper's column names (Table 1), for tables printed in its units.
@@ -21,29 +21,53 @@ METRIC_LABELS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "pixel_auroc": "P
 PRO_FPR_LIMIT = 0.3
 
 
+Curve = tuple[np.ndarray, np.ndarray]
+
+
 def compute_metrics(
     maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, scores: np.ndarray | None = None
 ) -> dict[str, float]:
     """maps: (N, H, W) float; masks: (N, H, W) binary; labels: (N,) 0/1; scores default to
     the maximum of each map."""
+    return metrics_and_curves(maps, masks, labels, scores)[0]
+
+
+def metrics_and_curves(
+    maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, scores: np.ndarray | None = None
+) -> tuple[dict[str, float], dict[str, Curve]]:
+    """The five metrics and the curves three of them are areas of: `image_roc` and
+    `pixel_roc` (FPR, TPR) and `pro` (FPR, per-region overlap), each only where the test split
+    defines it. The curves cost nothing extra: the areas are computed from them."""
     maps = np.asarray(maps, dtype=np.float64)
     masks = np.asarray(masks).astype(bool)
     labels = np.asarray(labels).astype(int)
     if scores is None:
         scores = maps.reshape(len(maps), -1).max(axis=1)
+    curves: dict[str, Curve] = {}
+    if _both_classes(labels):
+        curves["image_roc"] = roc_curve(labels, scores)[:2]
+    if _both_classes(masks):
+        curves["pixel_roc"] = roc_curve(masks.ravel(), maps.ravel())[:2]
+        curves["pro"] = pro_curve(maps, masks)
+    nan = float("nan")
     result = {
-        "image_auroc": _safe(roc_auc_score, labels, scores),
+        # The area under roc_curve's points is exactly what roc_auc_score computes.
+        "image_auroc": auc(*curves["image_roc"]) if "image_roc" in curves else nan,
         "image_ap": _safe(average_precision_score, labels, scores),
-        "pixel_auroc": _safe(roc_auc_score, masks.ravel(), maps.ravel()),
+        "pixel_auroc": auc(*curves["pixel_roc"]) if "pixel_roc" in curves else nan,
         "pixel_ap": _safe(average_precision_score, masks.ravel(), maps.ravel()),
-        "pixel_aupro": au_pro(maps, masks) if masks.any() and (~masks).any() else float("nan"),
+        "pixel_aupro": _pro_area(*curves["pro"], PRO_FPR_LIMIT) if "pro" in curves else nan,
     }
-    return {k: float(v) for k, v in result.items()}
+    return {k: float(v) for k, v in result.items()}, curves
+
+
+def _both_classes(truth: np.ndarray) -> bool:
+    return 0 < np.sum(truth) < truth.size
 
 
 def _safe(metric, truth: np.ndarray, score: np.ndarray) -> float:
     # Undefined (nan) rather than an exception when a split holds a single class.
-    return float(metric(truth, score)) if 0 < np.sum(truth) < truth.size else float("nan")
+    return float(metric(truth, score)) if _both_classes(truth) else float("nan")
 
 
 def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +119,10 @@ def area_under_curve(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
 
 def au_pro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = PRO_FPR_LIMIT) -> float:
     """Normalised area under the PRO curve up to `fpr_limit` (1.0 is perfect)."""
-    fpr, pro = pro_curve(maps, masks)
+    return _pro_area(*pro_curve(maps, masks), fpr_limit)
+
+
+def _pro_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
     return area_under_curve(fpr, pro, fpr_limit) / fpr_limit
 
 

@@ -14,13 +14,20 @@ from sklearn.metrics import roc_auc_score
 
 from memkd_ray.cli import main
 from memkd_ray.data.sample import Sample
+from memkd_ray.engine import Evaluation
 from memkd_ray.eval_record import (
     RECORD_FILES,
     decode_eval_record,
     encode_eval_record,
     thin_curve,
 )
-from memkd_ray.metrics import METRIC_KEYS, area_under_curve, au_pro, percent
+from memkd_ray.metrics import (
+    METRIC_KEYS,
+    area_under_curve,
+    au_pro,
+    metrics_and_curves,
+    percent,
+)
 from memkd_ray.report.page import render_page
 from memkd_ray.report.paper import _all_results, paper_results
 from memkd_ray.report.run_data import CategoryResult, RunData
@@ -82,7 +89,9 @@ def _toy_evaluation(tmp_path: Path):
 
 def test_eval_record_round_trip_keeps_curves_examples_and_scores(tmp_path):
     samples, maps, masks, labels, scores = _toy_evaluation(tmp_path)
-    files = encode_eval_record(samples, maps, masks, labels, scores, image_size=16)
+    metrics, curves = metrics_and_curves(maps, masks, labels, scores)
+    evaluation = Evaluation(maps, masks, labels, scores, metrics, curves)
+    files = encode_eval_record(samples, evaluation, image_size=16)
     record = decode_eval_record(files)
 
     assert [row["score"] for row in record.images] == pytest.approx(scores.tolist())

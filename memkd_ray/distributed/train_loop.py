@@ -122,9 +122,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             evaluation = evaluate(model, data.test, cfg, device)
             metrics.update(evaluation.metrics)
             if last and selection is None:  # the final test evaluation, kept for the report
-                record = encode_eval_record(data.test, evaluation.maps, evaluation.masks,
-                                            evaluation.labels, evaluation.scores,
-                                            cfg.data.image_size)
+                record = encode_eval_record(data.test, evaluation, cfg.data.image_size)
         state.history.append(metrics)
         _emit(progress, rank, {"category": category, "event": "epoch", **metrics})
         if last or state.epoch % cfg.train.checkpoint_every == 0:

@@ -307,8 +307,7 @@ def _test_metrics(row: dict, base: MemKDConfig, storage: Storage) -> dict[str, f
     cfg = checkpoint.config
     data = read_configured_category(base.data, row["category"])
     evaluation = evaluate(model, data.test, cfg, next(model.parameters()).device)
-    record = encode_eval_record(data.test, evaluation.maps, evaluation.masks,
-                                evaluation.labels, evaluation.scores, cfg.data.image_size)
+    record = encode_eval_record(data.test, evaluation, cfg.data.image_size)
     base_path = storage.path_of(row["checkpoint_uri"])
     for name, data_bytes in record.items():
         storage.write_bytes(f"{base_path}/{RECORD_DIR}/{name}", data_bytes)
