@@ -137,7 +137,7 @@ def infer_rate(model: MemKD, cfg: MemKDConfig, batch: int, s: Settings, device: 
     precision = resolve_precision(cfg.eval.precision, device)
 
     def predict() -> None:
-        maps, _ = predict_maps(model, images, s.size, cfg.eval.gaussian_sigma, precision)
+        maps, _ = predict_maps(model, images, cfg, precision)
         maps.cpu()  # waits for the device, as fetching the maps does
 
     predict()  # warm-up: kernel selection, allocator

@@ -35,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--categories", type=int, default=4)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=256, help="image side in pixels")
+    photos = data_commands.add_parser(
+        "photos", help="write the real-photo development benchmark (MVTec layout)")
+    photos.add_argument("--out", required=True, type=Path)
+    photos.add_argument("--seed", type=int, default=0)
+    photos.add_argument("--size", type=int, default=256, help="image side in pixels")
+    photos.add_argument("--source", dest="sources", action="append", default=[],
+                        metavar="NAME=PATH[:texture|:array|:scene]",
+                        help="cut category NAME from this photo instead of the built-in "
+                        "development set (repeatable)")
     check = data_commands.add_parser("check", help="count and check a benchmark tree")
     check.add_argument("--config", required=True, type=Path)
     check.add_argument("--data-root", required=True)
@@ -156,10 +165,7 @@ def _configure_logging(quiet: bool) -> None:
 
 
 def _data(args: argparse.Namespace) -> None:
-    if args.data_command == "check":
-        _data_check(args)
-    else:
-        _data_synth(args)
+    {"check": _data_check, "synth": _data_synth, "photos": _data_photos}[args.data_command](args)
 
 
 def _data_check(args: argparse.Namespace) -> None:
@@ -178,6 +184,19 @@ def _data_synth(args: argparse.Namespace) -> None:
         raise UserInputError(f"--out {args.out}: directory exists and is not empty")
     names = generate_benchmark(args.out, args.categories, args.seed, args.size,
                                progress=None if args.quiet else log.info)
+    print(f"wrote {len(names)} categories to {args.out}: {', '.join(names)}")
+
+
+def _data_photos(args: argparse.Namespace) -> None:
+    from memkd_ray.data.photos import (
+        DEVELOPMENT_SOURCES,
+        generate_photo_benchmark,
+        parse_source,
+    )
+
+    sources = tuple(parse_source(text) for text in args.sources) or DEVELOPMENT_SOURCES
+    names = generate_photo_benchmark(args.out, sources, args.seed, args.size,
+                                     progress=None if args.quiet else log.info)
     print(f"wrote {len(names)} categories to {args.out}: {', '.join(names)}")
 
 
@@ -317,9 +336,7 @@ def _predict(args: argparse.Namespace) -> None:
     model, checkpoint = load_model(fetch_checkpoint(args.checkpoint, args.storage), device)
     cfg = checkpoint.config
     model = place_model(model, cfg, device)
-    scores = predict_images(model, args.images, cfg.data.image_size, cfg.eval.gaussian_sigma,
-                            args.out, device, cfg.eval.batch_size, precision=cfg.eval.precision,
-                            workers=cfg.train.loader_workers)
+    scores = predict_images(model, args.images, cfg, args.out, device)
     print(json.dumps(scores, indent=2))
 
 

@@ -25,8 +25,8 @@ from memkd_ray.errors import ConfigError
 @dataclass
 class DataConfig:
     benchmark: str = "mvtec"
-    """Reader of the benchmark layout: `mvtec`, `mpdd`, `synthetic` (MVTec layout), `visa`,
-    `mvtec3d`, `eyecandies` or `folder` (docs/DATASETS.md)."""
+    """Reader of the benchmark layout: `mvtec`, `mpdd`, `synthetic` and `photos` (MVTec
+    layout), `visa`, `mvtec3d`, `eyecandies` or `folder` (docs/DATASETS.md)."""
     root: str | None = None
     """Directory holding one sub-directory per category; `--data-root` sets it."""
     categories: list[str] = field(default_factory=list)
@@ -41,8 +41,11 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    name: str = "wide_resnet50_2"
-    """Any timm backbone with `features_only` support and four stages at strides 4-32."""
+    name: str = "wide_resnet50_2.tv_in1k"
+    """Any timm backbone with `features_only` support and four stages at strides 4-32, with an
+    optional pretrained tag. The paper's teacher is torchvision's ImageNet WideResNet50 (the
+    weights RD and MemKD load through torchvision), which timm names `wide_resnet50_2.tv_in1k`;
+    timm's untagged `wide_resnet50_2` resolves to its own `racm_in1k` training instead."""
     weights: str = "hub"
     """`hub` (timm pretrained download), `none` (random, for speed tests), `package:<module>`
     (a weights file shipped inside an installed Python package) or a path to a weights file."""
@@ -84,8 +87,16 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
+    steps: int = 0
+    """Optimiser steps to train for, whatever the training set's size; 0 trains for `epochs`.
+    A category's epochs are then ceil(steps / steps per epoch). An epoch of a small training
+    set is only a few steps (80 images at batch 16: 5), so a budget in epochs gives it little
+    training and one in steps does not."""
     batch_size: int = 16
     lr: float = 0.005
+    lr_schedule: str = "constant"
+    """`constant` (the paper's) or `cosine`: from `lr` at the first epoch towards 0 at the last,
+    set once per epoch."""
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     exemplars: int = 16
     """N of the normality embedding learning: normal images drawn per step (Sec. 4.2)."""
@@ -101,9 +112,10 @@ class TrainConfig:
     feature_cache_device_share: float = 0.5
     """`auto`/`on` on CUDA: the largest share of the free GPU memory (measured when the cache
     is built) the cache may take on the device; the rest is left for the training step."""
-    precision: str = "auto"
-    """`fp32`, `bf16` (autocast of the forward passes to bfloat16; losses stay float32) or
-    `auto`: bf16 on CUDA devices with native bfloat16 support, fp32 otherwise (CPU)."""
+    precision: str = "fp32"
+    """`fp32` (the paper's), `bf16` (autocast of the forward passes to bfloat16; losses stay
+    float32) or `auto`: bf16 on CUDA devices with native bfloat16 support, fp32 otherwise.
+    bf16 is opt-in: its parity with fp32 on the paper's benchmarks has not been measured."""
     channels_last: str = "auto"
     """`on` (or true), `off` (or false) or `auto` (on for CUDA, off on CPU): keep the
     networks' weights in the channels-last (NHWC) memory format, which cuDNN's tensor-core
@@ -126,6 +138,17 @@ class TrainConfig:
 class EvalConfig:
     gaussian_sigma: float = 4.0
     """Sigma of the Gaussian filter g of Eq. 4."""
+    stage_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    """Weight of each stage's distance in the anomaly map, shallow first; Eq. 4 sums them
+    (all 1). 0 leaves a stage out of the map (it is still distilled)."""
+    score_top_k: int = 1
+    """The image score is the mean of the k largest values of its anomaly map; 1 is the map's
+    maximum (the paper's). A few hundred pixels of a 256 px map (100 is 0.15 %) still cover
+    the smallest defects, and one hot pixel of a normal image no longer decides its score."""
+    normal_map: str = "none"
+    """`none` (the paper's) or `mean`: subtract from every anomaly map, pixel by pixel, the
+    mean map of the training images, computed after training and kept in the checkpoint
+    (engine.calibrate_normal_map)."""
     batch_size: int = 16
     precision: str = "fp32"
     """`fp32`, `bf16` or `auto` (as `train.precision`) for evaluation and prediction. fp32 by
@@ -182,10 +205,12 @@ class MemKDConfig:
 
 _CHOICES = {
     "loss.orth": ("abs", "signed"),
+    "train.lr_schedule": ("constant", "cosine"),
     "train.feature_cache": ("auto", "on", "off", "device", "host"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.channels_last": ("auto", "on", "off"),
     "eval.precision": ("auto", "fp32", "bf16"),
+    "eval.normal_map": ("none", "mean"),
 }
 
 
@@ -214,6 +239,7 @@ def validate(cfg: MemKDConfig) -> MemKDConfig:
         ("loss.lambda_nm", cfg.loss.lambda_nm >= 0, "must be non-negative"),
         ("loss.lambda_orth", cfg.loss.lambda_orth >= 0, "must be non-negative"),
         ("train.epochs", cfg.train.epochs >= 1, "must be positive"),
+        ("train.steps", cfg.train.steps >= 0, "must be non-negative"),
         ("train.batch_size", cfg.train.batch_size >= 1, "must be positive"),
         ("train.lr", cfg.train.lr > 0, "must be positive"),
         ("train.betas", len(cfg.train.betas) == 2, "must hold two numbers"),
@@ -227,6 +253,11 @@ def validate(cfg: MemKDConfig) -> MemKDConfig:
         ("train.loader_workers", cfg.train.loader_workers >= 0, "must be non-negative"),
         ("eval.gaussian_sigma", cfg.eval.gaussian_sigma >= 0, "must be non-negative"),
         ("eval.batch_size", cfg.eval.batch_size >= 1, "must be positive"),
+        ("eval.score_top_k", cfg.eval.score_top_k >= 1, "must be positive"),
+        ("eval.stage_weights",
+         len(cfg.eval.stage_weights) == 3 and min(cfg.eval.stage_weights) >= 0
+         and max(cfg.eval.stage_weights) > 0,
+         "must list three non-negative weights, not all 0"),
         ("distributed.workers_per_category", cfg.distributed.workers_per_category >= 1,
          "must be positive"),
         ("distributed.cpus_per_worker", cfg.distributed.cpus_per_worker > 0, "must be positive"),

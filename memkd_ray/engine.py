@@ -7,10 +7,11 @@ the same way, with its own batches of indices and its own reporting.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -221,6 +222,40 @@ def shuffled_batches(
             yield batch
 
 
+def steps_per_epoch(count: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch over `count` images: the batches shuffled_batches yields."""
+    full, rest = divmod(count, batch_size)
+    return full + (1 if rest > 1 or count == 1 else 0)
+
+
+def with_training_budget(cfg: MemKDConfig, train_count: int) -> MemKDConfig:
+    """`cfg` for a training set of `train_count` images: with a budget of `train.steps`, its
+    epochs become the fewest that hold that many steps (unchanged when `train.steps` is 0)."""
+    if cfg.train.steps == 0:
+        return cfg
+    epochs = math.ceil(cfg.train.steps / steps_per_epoch(train_count, cfg.train.batch_size))
+    return replace(cfg, train=replace(cfg.train, epochs=max(1, epochs)))
+
+
+def epoch_bound(cfg: MemKDConfig) -> int:
+    """An upper bound of the epochs a run of `cfg` trains, before its training set is known."""
+    return cfg.train.steps or cfg.train.epochs
+
+
+def learning_rate(cfg: MemKDConfig, epoch: int) -> float:
+    """The learning rate of epoch `epoch` (from 0) under `train.lr_schedule`."""
+    if cfg.train.lr_schedule == "constant":
+        return cfg.train.lr
+    return 0.5 * cfg.train.lr * (1 + math.cos(math.pi * epoch / cfg.train.epochs))
+
+
+def start_epoch(optimizer: torch.optim.Optimizer, cfg: MemKDConfig, epoch: int) -> None:
+    """Set the epoch's learning rate. A function of the epoch alone, so a resumed run
+    continues the schedule without any scheduler state in its checkpoint."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(cfg, epoch)
+
+
 def exemplar_indices(count: int, exemplars: int, generator: torch.Generator) -> torch.Tensor:
     """N random normal training images for the normality embedding learning (Sec. 4.2)."""
     if exemplars >= count:
@@ -298,16 +333,46 @@ class Evaluation:
 
 @torch.no_grad()
 def predict_maps(
-    model: MemKD, images: torch.Tensor, size: int, sigma: float,
-    precision: torch.dtype = torch.float32,
+    model: MemKD, images: torch.Tensor, cfg: MemKDConfig, precision: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 anomaly maps (B, size, size) and image scores (B,) for images in [0, 1], on
-    the images' device; the networks run under autocast to `precision`."""
+    the images' device; the networks run under autocast to `precision`. The model's normal
+    map (zeros unless calibrated) is subtracted before the scores (`eval.score_top_k`) are
+    taken."""
     model.eval()
     with autocast(images.device, precision):
         teacher_features, student_features = model(images)
-    maps = anomaly_map(student_features, teacher_features, size, sigma)
-    return maps, image_scores(maps)
+    maps = anomaly_map(student_features, teacher_features, cfg.data.image_size,
+                       cfg.eval.gaussian_sigma, cfg.eval.stage_weights)
+    maps = maps - model.normal_map_mean
+    return maps, image_scores(maps, cfg.eval.score_top_k)
+
+
+@torch.no_grad()
+def calibrate_normal_map(model: MemKD, features: TrainingFeatures, cfg: MemKDConfig) -> None:
+    """With `eval.normal_map: mean`, set the model's normal map to the mean anomaly map of the
+    training images (their cached teacher features, so only the student runs).
+
+    A pixel's map value on normal images depends on where it is: the student reproduces the
+    teacher less well at the image border (zero padding) and on the busy parts of a scene,
+    and there the maximum of a normal image's map sits. Subtracting the normal mean makes the
+    map say how much worse than usual a pixel is, which is what a defect is.
+    """
+    model.normal_map_mean.zero_()
+    if cfg.eval.normal_map == "none":
+        return
+    model.eval()
+    precision = resolve_precision(cfg.eval.precision, features.device)
+    total = torch.zeros_like(model.normal_map_mean)
+    for start in range(0, len(features), cfg.eval.batch_size):
+        indices = torch.arange(start, min(start + cfg.eval.batch_size, len(features)))
+        teacher_features = features(indices)
+        with autocast(features.device, precision):
+            student_features = model.student_forward(teacher_features)
+        maps = anomaly_map(student_features, teacher_features[:3], cfg.data.image_size,
+                           cfg.eval.gaussian_sigma, cfg.eval.stage_weights)
+        total += maps.sum(dim=0)
+    model.normal_map_mean.copy_(total / len(features))
 
 
 def evaluate(
@@ -327,10 +392,8 @@ def evaluate_dataset(
     precision = resolve_precision(cfg.eval.precision, device)
     maps, masks, scores = [], [], []
     for images, batch_masks in loader:
-        batch_maps, batch_scores = predict_maps(
-            model, images.to(device, non_blocking=True), cfg.data.image_size,
-            cfg.eval.gaussian_sigma, precision,
-        )
+        batch_maps, batch_scores = predict_maps(model, images.to(device, non_blocking=True),
+                                                cfg, precision)
         # Left on the device and fetched once: no wait for the GPU between batches.
         maps.append(batch_maps)
         scores.append(batch_scores)
@@ -384,8 +447,10 @@ def fit(
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
 ) -> Evaluation:
-    """Train from `state.epoch` to `cfg.train.epochs`, evaluate on the test split at the
-    configured epochs and at the end; `on_epoch` sees every epoch (for checkpoints, logs)."""
+    """Train from `state.epoch` to `cfg.train.epochs` (or the epochs of `cfg.train.steps`),
+    evaluate on the test split at the configured epochs and at the end; `on_epoch` sees every
+    epoch (for checkpoints, logs)."""
+    cfg = with_training_budget(cfg, len(data.train))
     model = place_model(state.model, cfg, device)
     images = load_training_images(data.train, cfg.data.image_size, cfg.train.loader_workers)
     features = training_features(cfg, model.teacher, images, device)
@@ -418,6 +483,7 @@ def _run_epochs(
     evaluation = None
     for epoch in bar:
         started = time.perf_counter()
+        start_epoch(state.optimizer, cfg, epoch)
         batches = shuffled_batches(len(features), cfg.train.batch_size, state.generator)
         stats = train_one_epoch(model, features, batches, state.optimizer, cfg, state.generator,
                                 objective)
@@ -427,6 +493,7 @@ def _run_epochs(
         every = cfg.train.eval_every
         evaluation = None
         if last or (every and state.epoch % every == 0):
+            calibrate_normal_map(model, features, cfg)
             evaluation = evaluate(model, data.test, cfg, device)
             stats.update(evaluation.metrics)
         state.history.append(stats)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from memkd_ray.config import MemKDConfig
 from memkd_ray.data.datasets import DecodedImages, to_float
 from memkd_ray.data.sample import Sample
 from memkd_ray.engine import Evaluation, image_loader, predict_maps, resolve_precision
@@ -46,26 +47,27 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
 
 
 def predict_images(
-    model: MemKD, paths: Sequence[Path], size: int, sigma: float, out: str | Path,
-    device: torch.device, batch_size: int = 16, *, precision: str = "fp32", workers: int = 0,
+    model: MemKD, paths: Sequence[Path], cfg: MemKDConfig, out: str | Path, device: torch.device,
 ) -> dict[str, float]:
     """Write `NNNN_<stem>.png` overlays (NNNN = position in `paths`, so equal file names from
     different folders never collide) and `scores.json`; returns {path: image score}.
 
     Overlays share one colour scale (the lowest to the highest map value over all given
     images), so brighter means more anomalous across the whole set. Images are decoded by
-    `workers` processes and predicted in batches under `precision` (as `eval.precision`).
+    `train.loader_workers` processes and predicted in batches of `eval.batch_size` under
+    `eval.precision`, with the map settings of `cfg` (the checkpoint's).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     samples = [Sample(Path(p), 0, "unknown") for p in paths]
-    loader = image_loader(DecodedImages(samples, size), batch_size, workers, device)
-    dtype = resolve_precision(precision, device)
+    loader = image_loader(DecodedImages(samples, cfg.data.image_size), cfg.eval.batch_size,
+                          cfg.train.loader_workers, device)
+    dtype = resolve_precision(cfg.eval.precision, device)
     images, maps, scores = [], [], []
     for batch in loader:
         # uint8 crosses to the device (a quarter of the bytes) and becomes float there.
         pixels = to_float(batch.to(device, non_blocking=True))
-        batch_maps, batch_scores = predict_maps(model, pixels, size, sigma, dtype)
+        batch_maps, batch_scores = predict_maps(model, pixels, cfg, dtype)
         images.append(batch)
         maps.append(batch_maps)
         scores.append(batch_scores)

@@ -122,3 +122,33 @@ def test_bad_input_exits_2_with_a_one_line_reason(argv, message, tmp_path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "memkd-store").exists()
+
+
+def test_offline_config_trains_any_category_folder_names(synth_root, tmp_path, ray_cluster):
+    # A user's own MVTec-layout tree: folder names with capitals, dashes, dots and digits.
+    import shutil
+
+    from memkd_ray.checkpoint import load_model
+
+    root = tmp_path / "line"
+    for source, name in (("mesh", "Line-7_A"), ("stripes", "part.B2")):
+        shutil.copytree(synth_root / source, root / name)
+    store = tmp_path / "store"
+    fast = ["data.image_size=128", "student.bottleneck_blocks=1",
+            "student.decoder_blocks=[1,1,1]", "train.steps=10"]
+    argv = ["-q", "train", "--config", str(CONFIGS / "offline.yaml"), "--data-root", str(root),
+            "--category", "Line-7_A", "part.B2", "--storage", str(store), "--no-report"]
+    for override in fast:
+        argv += ["--set", override]
+    assert main(argv) == 0
+    (run_dir,) = (store / "runs").iterdir()
+    rows = pq.read_table(run_dir / "results.parquet").to_pylist()
+    assert sorted(r["category"] for r in rows) == ["Line-7_A", "part.B2"]
+    for row in rows:
+        # 10 steps of 16 from 60 images (4 steps per epoch): 3 epochs, by the step budget.
+        assert row["status"] == "ok" and row["benchmark"] == "mvtec" and row["epochs"] == 3
+        checkpoint = Path(row["checkpoint_uri"].removeprefix("file://"))
+        assert checkpoint.parent == run_dir / "mvtec" / row["category"]
+        model, loaded = load_model(checkpoint)
+        assert loaded.config.train.lr_schedule == "cosine"
+        assert model.normal_map_mean.abs().sum() > 0  # calibrated after training, and kept

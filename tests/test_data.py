@@ -11,7 +11,7 @@ from PIL import Image
 from memkd_ray.cli import main
 from memkd_ray.data import read_category, resolve_categories
 from memkd_ray.data.synthetic import generate_benchmark
-from memkd_ray.errors import DataError
+from memkd_ray.errors import DataError, UserInputError
 from tests.conftest import CONFIGS
 
 
@@ -123,3 +123,80 @@ def test_cli_data_check_prints_counts_and_fails_with_2(synth_root: Path, broken_
     assert main(["data", "check", "--config", str(CONFIGS / "demo.yaml"),
                  "--data-root", str(broken_root)]) == 2
     assert "hole/001_mask.png: ground-truth mask" in capsys.readouterr().err
+
+
+def _photo_tree_digest(root: Path) -> str:
+    return _digest(root) + hashlib.sha256((root / "sources.json").read_bytes()).hexdigest()
+
+
+def test_photo_benchmark_is_deterministic_reads_back_and_keeps_train_and_test_apart(
+        tmp_path: Path):
+    from memkd_ray.data.photos import DEVELOPMENT_SOURCES, generate_photo_benchmark
+
+    small = {"size": 64, "train": 3, "test_good": 2, "defective_per_type": 1}
+    sources = (DEVELOPMENT_SOURCES[0], DEVELOPMENT_SOURCES[-1])  # a texture and the scene
+    names = generate_photo_benchmark(tmp_path / "a", sources, seed=1, **small)
+    generate_photo_benchmark(tmp_path / "b", sources, seed=1, **small)
+    generate_photo_benchmark(tmp_path / "c", sources, seed=2, **small)
+    assert names == ["moon", "motorcycle"]
+    assert _photo_tree_digest(tmp_path / "a") == _photo_tree_digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert not list(tmp_path.glob(".*partial*"))  # the staging directories were renamed
+    data = read_category("photos", tmp_path / "a", "moon")
+    assert data.counts() == {"train": 3, "test_good": 2, "test_hole": 1, "test_patch": 1,
+                             "test_scratch": 1, "test_stain": 1}
+    assert Image.open(data.train[0].image_path).mode == "L"  # moon is a grayscale photo
+    for sample in data.test:
+        assert (sample.load_mask().sum() > 0) == (sample.label == 1)
+
+
+def test_photo_texture_train_and_test_regions_are_disjoint():
+    from memkd_ray.data.photos import DEVELOPMENT_SOURCES, read_photo, texture_split
+
+    for source in DEVELOPMENT_SOURCES:
+        if source.kind != "texture":
+            continue
+        photo = read_photo(source.path)
+        (l1, t1, r1, b1), (l2, t2, r2, b2) = texture_split(source, photo)
+        overlap = max(0, min(r1, r2) - max(l1, l2)) * max(0, min(b1, b2) - max(t1, t2))
+        assert overlap == 0, source.name
+        side = round(source.crop * min(photo.size))
+        for box in ((l1, t1, r1, b1), (l2, t2, r2, b2)):
+            assert min(box[2] - box[0], box[3] - box[1]) >= side, source.name
+
+
+@pytest.mark.parametrize("defect", ["scratch", "stain", "patch", "hole"])
+def test_photo_defect_masks_cover_exactly_what_changed(defect: str):
+    from scipy import ndimage
+
+    from memkd_ray.data.photos import DEVELOPMENT_SOURCES, paint_defect, read_photo
+
+    photo = read_photo(DEVELOPMENT_SOURCES[3].path)  # fundus: colour, textured
+    donor = read_photo("package:skimage.data/astronaut.png")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        normal = photo.crop((500, 500, 756, 756))
+        damaged, mask = paint_defect(rng, normal, defect, donor)
+        change = np.abs(np.asarray(damaged, float) - np.asarray(normal, float)).max(axis=2)
+        assert mask.dtype == np.uint8 and 8 <= mask.sum() < 0.1 * mask.size
+        # Inside the mask the defect shows; outside a 4-pixel ring of anti-aliasing and soft
+        # edges (a stain's blur), nothing changed beyond rounding.
+        assert np.median(change[mask == 1]) > 10
+        assert change[~ndimage.binary_dilation(mask, iterations=4)].max() <= 2
+
+
+def test_photo_generator_refuses_held_back_photos_and_bad_output(tmp_path: Path, capsys):
+    from memkd_ray.data.photos import PhotoSource, generate_photo_benchmark
+
+    with pytest.raises(UserInputError, match="held back"):
+        generate_photo_benchmark(tmp_path / "x",
+                                 (PhotoSource("b", "package:skimage.data/brick.png"),))
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("")
+    assert main(["data", "photos", "--out", str(tmp_path / "full")]) == 2
+    assert "exists and is not an empty directory" in capsys.readouterr().err
+    assert main(["data", "photos", "--out", str(tmp_path / "y"), "--source",
+                 f"mine={tmp_path / 'missing.png'}"]) == 2
+    assert "photo not found" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

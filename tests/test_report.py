@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 from html.parser import HTMLParser
 from pathlib import Path
@@ -152,6 +153,19 @@ def test_paper_numbers_sit_beside_ours_for_a_paper_benchmark():
     assert "<td>99.8</td><td>99.3</td>" in page  # rope
     assert "MemKD, paper Table 2(a)" in page and "<td>90.0</td>" in page
     assert "covers the categories above" in page  # 2 of the paper's 10
+    assert "not this page's AU-PRO" not in page  # Table 2 has no PRO column
+
+
+def test_paper_pro_is_marked_as_a_different_metric():
+    categories = [CategoryResult("mvtec", "bottle", "ok", dict.fromkeys(METRIC_KEYS, 0.9), "",
+                                 None, None)]
+    run = RunData("r1", "train", "file:///s/runs/r1", "file:///s/runs/r1/results.parquet", [],
+                  categories)
+    page = render_page(run, {}, paper_results("mvtec"), "1.0")
+    # Table 1(a)'s P-PRO (MemKD 94.5, RD 93.9) carries the mark, our AU-PRO cell does not.
+    assert "<td>94.5\u2020</td>" in page and "<td>93.9\u2020</td>" in page
+    assert '<td data-category="bottle" data-metric="pixel_aupro">90.0</td>' in page
+    assert "\u2020 The paper's P-PRO is not this page's AU-PRO" in html.unescape(page)
 
 
 def test_report_of_a_training_run(trained_run, tmp_path, capsys):

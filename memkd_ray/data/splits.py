@@ -59,6 +59,7 @@ def _registry() -> dict[str, Benchmark]:
         "mvtec": mvtec_layout,
         "mpdd": mvtec_layout,
         "synthetic": mvtec_layout,
+        "photos": mvtec_layout,
         "visa": Benchmark(list_visa_categories, read_visa_category),
         "mvtec3d": Benchmark(list_mvtec3d_categories, read_mvtec3d_category),
         "eyecandies": Benchmark(list_eyecandies_categories, read_eyecandies_category,

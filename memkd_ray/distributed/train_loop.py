@@ -26,13 +26,16 @@ from memkd_ray.data.validation import make_validation_split
 from memkd_ray.engine import (
     MemKDObjective,
     TrainState,
+    calibrate_normal_map,
     evaluate,
     evaluate_dataset,
     make_optimizer,
     maybe_compile,
     place_model,
+    start_epoch,
     train_one_epoch,
     training_features,
+    with_training_budget,
 )
 from memkd_ray.eval_record import RECORD_DIR, encode_eval_record
 from memkd_ray.model import create_memkd
@@ -76,6 +79,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                       cfg.tune.validation_normal_fraction,
                                       cfg.tune.validation_defect_fraction)
         train_samples, validation = split.train, split
+    cfg = with_training_budget(cfg, len(train_samples))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     # On the device before the optimiser exists, so restored Adam moments land beside it.
     model = place_model(create_memkd(cfg), cfg, device)
@@ -103,6 +107,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     for epoch in range(state.epoch, cfg.train.epochs):
         started = time.perf_counter()
+        start_epoch(state.optimizer, cfg, epoch)
         batches = sharded_batches(len(images), per_worker_batch, rank, world, cfg.train.seed,
                                   epoch)
         stats = train_one_epoch(model, features, batches, state.optimizer, cfg, state.generator,
@@ -115,10 +120,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last = state.epoch == cfg.train.epochs
         every = cfg.train.eval_every
         if rank == 0 and validation is not None:
+            calibrate_normal_map(model, features, cfg)
             scores = evaluate_dataset(model, ArrayImages(validation.images, validation.masks),
                                       validation.labels, cfg, device).metrics
             metrics.update({f"val_{key}": value for key, value in scores.items()})
         elif rank == 0 and (last or selection or (every and state.epoch % every == 0)):
+            calibrate_normal_map(model, features, cfg)
             evaluation = evaluate(model, data.test, cfg, device)
             metrics.update(evaluation.metrics)
             if last and selection is None:  # the final test evaluation, kept for the report

@@ -35,7 +35,7 @@ from memkd_ray.config import MemKDConfig, from_dict, validate
 from memkd_ray.data import read_configured_category
 from memkd_ray.distributed.launcher import concurrent_categories, connect
 from memkd_ray.distributed.train_loop import train_loop_per_worker
-from memkd_ray.engine import evaluate
+from memkd_ray.engine import epoch_bound, evaluate
 from memkd_ray.errors import ConfigError, UserInputError
 from memkd_ray.eval_record import RECORD_DIR, encode_eval_record
 from memkd_ray.metrics import METRIC_KEYS
@@ -250,7 +250,7 @@ def _search_category(spec: dict[str, Any], base: MemKDConfig, category: str, lay
                                    for k, v in spec["space"].items()}},
             tune_config=tune.TuneConfig(
                 metric=metric, mode="max", num_samples=spec["samples"],
-                scheduler=_scheduler(spec["scheduler"], base.train.epochs),
+                scheduler=_scheduler(spec["scheduler"], epoch_bound(base)),
                 search_alg=_search_algorithm(spec["search"], limit, base.train.seed,
                                              [{"memkd": _defaults(base, spec["space"])}]),
             ),

@@ -41,4 +41,5 @@ def create_memkd(cfg: MemKDConfig, teacher: Teacher | None = None) -> MemKD:
         bottleneck_blocks=cfg.student.bottleneck_blocks,
         decoder_blocks=cfg.student.decoder_blocks,
         width_ratio=cfg.student.width_ratio,
+        map_size=cfg.data.image_size,
     )

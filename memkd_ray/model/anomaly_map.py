@@ -16,22 +16,31 @@ def anomaly_map(
     teacher_features: Sequence[torch.Tensor],
     size: int,
     sigma: float = 4.0,
+    stage_weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Eq. 3-4: per stage per-pixel 1 - cosine over channels, bilinear up-sampling to the input
-    size, summed over stages, then a Gaussian filter. Returns float32 (B, size, size), also
-    for bfloat16 features."""
+    size, summed over stages (Eq. 4's sum; `stage_weights` may weigh or drop a stage), then a
+    Gaussian filter. Returns float32 (B, size, size), also for bfloat16 features."""
+    weights = stage_weights if stage_weights is not None else [1.0] * len(student_features)
     total = None
-    for student, teacher in zip(student_features, teacher_features, strict=True):
-        distance = 1 - F.cosine_similarity(student, teacher, dim=1).unsqueeze(1)
+    for student, teacher, weight in zip(student_features, teacher_features, weights,
+                                        strict=True):
+        if weight == 0:
+            continue
+        distance = weight * (1 - F.cosine_similarity(student, teacher, dim=1).unsqueeze(1))
         # align_corners=True as in RD's reference evaluation.
         upsampled = F.interpolate(distance, size=(size, size), mode="bilinear", align_corners=True)
         total = upsampled if total is None else total + upsampled
     return gaussian_filter(total.squeeze(1), sigma)
 
 
-def image_scores(maps: torch.Tensor) -> torch.Tensor:
-    """The image-level anomaly score is the maximum of its map."""
-    return maps.flatten(1).amax(dim=1)
+def image_scores(maps: torch.Tensor, top_k: int = 1) -> torch.Tensor:
+    """The image-level anomaly score: the mean of the `top_k` largest values of its map;
+    1 is the map's maximum, the paper's score."""
+    flat = maps.flatten(1)
+    if top_k == 1:
+        return flat.amax(dim=1)
+    return flat.topk(min(top_k, flat.shape[1]), dim=1).values.mean(dim=1)
 
 
 def gaussian_filter(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:

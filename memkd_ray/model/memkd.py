@@ -32,10 +32,14 @@ class MemKD(nn.Module):
         bottleneck_blocks: int = 3,
         decoder_blocks: Sequence[int] = (3, 4, 6),
         width_ratio: float = 0.5,
+        map_size: int = 256,
     ) -> None:
         """`memory_items` all zero gives the Reverse Distillation baseline."""
         super().__init__()
         self.teacher = teacher
+        # The mean anomaly map of normal images (engine.calibrate_normal_map), subtracted from
+        # every map; zeros (no calibration) until set. Saved with the weights.
+        self.register_buffer("normal_map_mean", torch.zeros(map_size, map_size))
         channels = teacher.channels
         self.memories = nn.ModuleDict(
             {
@@ -105,7 +109,8 @@ class MemKD(nn.Module):
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = self.trainable_state_dict()
-        missing = sorted(set(expected) - set(state))
+        # Checkpoints from before the calibration existed hold no normal map: none is applied.
+        missing = sorted(set(expected) - set(state) - {"normal_map_mean"})
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
             raise KeyError(

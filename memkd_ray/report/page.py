@@ -61,6 +61,17 @@ def _cell(category: str, metric: str, value: float | None) -> str:
             f"{percent(value)}</td>")
 
 
+PAPER_PRO_MARK = "\u2020"
+PAPER_PRO_NOTE = (
+    "The paper's P-PRO is not this page's AU-PRO. Its RD row comes from RD's evaluation code, "
+    "which computes PRO per defective image with 200 evenly spaced thresholds, rescales each "
+    "image's FPR axis by its own maximum below 0.3 and averages over images; the paper does "
+    "not say that its MemKD row was computed differently. AU-PRO here is the official MVTec "
+    "AD metric: regions over the whole test set, every distinct score a threshold, the area "
+    "up to FPR 0.3 divided by 0.3. The two can differ by several points on the same maps."
+)
+
+
 def _metrics_table(run: RunData, paper: PaperResults | None) -> str:
     per_category = bool(paper and paper.categories)
     header = ["category", *METRIC_LABELS.values()]
@@ -88,18 +99,22 @@ def _metrics_table(run: RunData, paper: PaperResults | None) -> str:
     if paper:
         for method in METHODS:
             cells = [f"<td>{method}, paper {escape(paper.source)}</td>"]
-            cells += [_paper_cell(paper.mean.get(method, {}).get(key)) for key in METRIC_LABELS]
+            cells += [_paper_cell(paper.mean.get(method, {}).get(key),
+                                  PAPER_PRO_MARK if key == "pixel_aupro" else "")
+                      for key in METRIC_LABELS]
             cells += ["<td></td>"] * ((len(METHODS) if per_category else 0) + 1)
             lines.append('<tr class="paper">' + "".join(cells) + "</tr>")
     lines.append("</table>")
+    if paper and any("pixel_aupro" in values for values in paper.mean.values()):
+        lines.append(f'<p class="note">{PAPER_PRO_MARK} {escape(PAPER_PRO_NOTE)}</p>')
     if paper and len(done) != paper.category_count:
         lines.append('<p class="note">The paper\'s means cover every category of the '
                      "benchmark; this run's mean covers the categories above.</p>")
     return "\n".join(lines)
 
 
-def _paper_cell(value: float | None) -> str:
-    return f"<td>{'' if value is None else f'{value:.1f}'}</td>"
+def _paper_cell(value: float | None, mark: str = "") -> str:
+    return f"<td>{'' if value is None else f'{value:.1f}{mark}'}</td>"
 
 
 def _trials_table(rows: list[dict[str, Any]]) -> str:
