@@ -342,10 +342,17 @@ def predict_maps(
     model.eval()
     with autocast(images.device, precision):
         teacher_features, student_features = model(images)
-    maps = anomaly_map(student_features, teacher_features, cfg.data.image_size,
-                       cfg.eval.gaussian_sigma, cfg.eval.stage_weights)
-    maps = maps - model.normal_map_mean
+    maps = configured_map(student_features, teacher_features, cfg) - model.normal_map_mean
     return maps, image_scores(maps, cfg.eval.score_top_k)
+
+
+def configured_map(
+    student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
+    cfg: MemKDConfig,
+) -> torch.Tensor:
+    """Eq. 3-4's anomaly map at the image size, with the configured sigma and stage weights."""
+    return anomaly_map(student_features, teacher_features, cfg.data.image_size,
+                       cfg.eval.gaussian_sigma, cfg.eval.stage_weights)
 
 
 @torch.no_grad()
@@ -369,9 +376,7 @@ def calibrate_normal_map(model: MemKD, features: TrainingFeatures, cfg: MemKDCon
         teacher_features = features(indices)
         with autocast(features.device, precision):
             student_features = model.student_forward(teacher_features)
-        maps = anomaly_map(student_features, teacher_features[:3], cfg.data.image_size,
-                           cfg.eval.gaussian_sigma, cfg.eval.stage_weights)
-        total += maps.sum(dim=0)
+        total += configured_map(student_features, teacher_features[:3], cfg).sum(dim=0)
     model.normal_map_mean.copy_(total / len(features))
 
 
