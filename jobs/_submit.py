@@ -39,10 +39,13 @@ AWS_VARIABLES = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
 )
-# Never shipped: environments, VCS, data, local results, caches (gitignore syntax).
+# Never shipped: environments, VCS, data, local results, caches. Ray matches these with
+# gitignore syntax against paths relative to the repository root: a pattern without a
+# leading "/" matches at any depth ("data/" would drop memkd_ray/data/ too), so everything
+# that names a top-level folder is anchored; only caches are matched everywhere.
 WORKING_DIR_EXCLUDES = [
-    ".git", ".venv", "venv", "data/", "memkd-store/", "__pycache__/", ".pytest_cache/",
-    ".ruff_cache/", "*.egg-info/", "build/", "dist/",
+    "/.git", "/.venv", "/venv", "/data/", "/memkd-store/", "/build/", "/dist/",
+    "__pycache__/", ".pytest_cache/", ".ruff_cache/", "*.egg-info/",
 ]
 EXIT_FAILED = 1
 EXIT_USAGE = 2

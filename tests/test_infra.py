@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import zipfile
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,9 @@ def test_cluster_launcher_config_is_valid_and_installs_this_repository():
     mounts = config["file_mounts"]
     repo_on_node = next(remote for remote, local in mounts.items() if local == ".")
     assert mounts["/home/ubuntu/.ray/auth_token"].startswith("~/.ray/")
+    # rsync: an unanchored name ("data") also drops memkd_ray/data/ from the nodes' copy.
+    assert all(p.startswith(("/", "**/")) for p in config["rsync_exclude"])
+    assert "/data" in config["rsync_exclude"]
     setup = " ".join(config["setup_commands"])
     assert f'"$HOME/{repo_on_node.removeprefix("/home/ubuntu/")}[offline]"' in setup
     assert f"ray[default,train,tune]=={ray.__version__}" in setup
@@ -281,6 +285,43 @@ def one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) ->
         assert fragment in line
 
 
+def test_the_job_ships_the_whole_package_and_no_environment_or_data(tmp_path):
+    """Ray's own working_dir packaging (the path `ray job submit` takes, .gitignore and Ray's
+    default excludes included) applied to a copy of the tree holding what a checkout has
+    beside the sources: every tracked source file is shipped, nothing local is."""
+    from ray._private.runtime_env.packaging import create_package
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    job = dry_run("submit_benchmark.py", "--benchmark", "configs/demo.yaml", "/d",
+                  "--storage", "s3://bucket/prefix")
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout
+    sources = {name for name in listed.splitlines() if (REPO / name).is_file()}
+    tree = tmp_path / "checkout"
+    for name in sources:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, tree / name)
+    local = {".venv/lib/site.py", "data/synth/disc/train/good/000.png", "memkd-store/x.json",
+             ".git/HEAD", "build/lib/x.py", "memkd_ray/__pycache__/cli.cpython-311.pyc"}
+    for name in local:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text("local")
+    package = tmp_path / "package.zip"
+
+    def build(working_dir: str, excludes: list[str] | None = None, is_file: bool = False):
+        create_package(working_dir, package, include_gitignore=True, excludes=excludes)
+
+    upload_working_dir_if_needed({"working_dir": str(tree),
+                                  "excludes": job["runtime_env"]["excludes"]},
+                                 include_gitignore=True, upload_fn=build)
+    shipped = {name for name in zipfile.ZipFile(package).namelist() if not name.endswith("/")}
+    package_files = {name for name in sources if name.startswith("memkd_ray/")}
+    assert {"memkd_ray/data/__init__.py", "memkd_ray/data/mvtec.py"} <= package_files
+    assert package_files <= shipped, sorted(package_files - shipped)[:5]
+    assert {name for name in sources if name.startswith(("jobs/", "configs/"))} <= shipped
+    assert not local & shipped, sorted(local & shipped)
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_scripts_are_executable_and_explain_themselves(name):
     path = JOBS / name
@@ -297,7 +338,7 @@ def test_benchmark_job_runs_train_on_every_benchmark_with_the_submitted_tree():
                   "--workers-per-category", "2", "--address", "http://head:8265")
     assert job["address"] == "http://head:8265"
     assert job["runtime_env"]["working_dir"] == str(REPO)
-    assert {".git", ".venv", "data/", "memkd-store/"} <= set(job["runtime_env"]["excludes"])
+    assert {"/.git", "/.venv", "/data/", "/memkd-store/"} <= set(job["runtime_env"]["excludes"])
     assert job["entrypoint_num_cpus"] == 0
     assert job["metadata"]["memkd_ray_version"] == "0.1.0"
     entrypoint = job["entrypoint"]

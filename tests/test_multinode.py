@@ -8,6 +8,9 @@ categories can only succeed by running on different nodes; Ray's state API then 
 each worker ran. The results, checkpoints and registry entries must be in the bucket, and
 jobs/submit_eval.py re-evaluates the registered models on the same cluster.
 
+The nodes run from a Python that has every dependency but not this package (as a stock Ray
+image would), so the jobs can only run the code they ship in their working_dir.
+
 Both nodes are stopped at the end, even on failure, by signalling the `ray start --block`
 processes this module started (not `ray stop`, which would stop every Ray on the machine),
 then killing whatever still carries this cluster's token path in its environment.
@@ -80,18 +83,39 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def start_node(args: list[str], log: Path, env: dict[str, str],
+def python_without_this_package(root: Path) -> Path:
+    """A Python with every dependency of this package but not the package, as a stock Ray
+    image has: a venv whose site-packages links every entry of the test environment's but the
+    package's own (its editable-install hook and metadata)."""
+    env = root / "node-python"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    (site,) = env.glob("lib/python*/site-packages")
+    (source,) = (Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()
+                 and Path(sys.prefix) in Path(p).parents)
+    for entry in source.iterdir():
+        if not entry.name.lower().startswith(("memkd_ray", "__editable__")):
+            (site / entry.name).symlink_to(entry)
+    python = env / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import memkd_ray"], cwd=root,
+                           capture_output=True, text=True, check=False)
+    assert "No module named 'memkd_ray'" in probe.stderr, probe.stderr
+    return python
+
+
+def start_node(args: list[str], log: Path, env: dict[str, str], python: Path,
                stack: ExitStack) -> subprocess.Popen:
     """`ray start --block` in its own process group, its processes living as long as it does.
 
     Registered on `stack` to be stopped; one more try if Ray's own startup timeout (30 s for
-    the raylet to register) expires on a busy machine.
+    the raylet to register) expires on a busy machine. `python` runs the node and everything
+    it starts; the working directory is the log's, outside the checkout.
     """
     for _ in range(2):
         with log.open("w") as out:
             process = subprocess.Popen(
-                [str(RAY), "start", "--block", "--disable-usage-stats", *args], stdout=out,
-                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                [str(python), "-m", "ray.scripts.scripts", "start", "--block",
+                 "--disable-usage-stats", *args], stdout=out, stderr=subprocess.STDOUT,
+                env=env, cwd=log.parent, start_new_session=True)
         stack.callback(stop_node, process)
         if wait_started(process, log):
             return process
@@ -142,27 +166,31 @@ def cluster() -> Iterator[Cluster]:
     # The nodes get no AWS variables: the job must bring them (by name, via runtime_env).
     node_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("AWS_", "RAY_ADDRESS", "RAY_API_SERVER"))}
-    node_env.update(client_env, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     gcs, dashboard, client, *agent = free_ports(7)
     common = ["--num-gpus", "0", "--object-store-memory", str(200 * 2**20)]
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, root, ignore_errors=True)
         stack.callback(kill_leftovers, str(token))
+        # The nodes run a Python that has the dependencies but not this package: the jobs
+        # can only run the code they ship (`python` on the nodes' PATH is that one).
+        python = python_without_this_package(root)
+        node_env.update(client_env, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+                        PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}")
+        node_env.pop("PYTHONPATH", None)
         start_node([
             "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
             "--dashboard-agent-listen-port", str(agent[0]), "--metrics-export-port",
             str(agent[1]), "--min-worker-port", "23000", "--max-worker-port", "23499",
             "--num-cpus", "1", "--resources", '{"memkd_head": 1}', "--temp-dir",
-            str(root / "head"), *common], root / "head.log", node_env, stack)
+            str(root / "head"), *common], root / "head.log", node_env, python, stack)
         # Stopped before the head: ExitStack unwinds in reverse.
         start_node([
             "--address", f"127.0.0.1:{gcs}", "--dashboard-agent-listen-port", str(agent[2]),
             "--metrics-export-port", str(agent[3]), "--min-worker-port", "23500",
             "--max-worker-port", "23999", "--num-cpus", "1",
             "--resources", '{"memkd_second_node": 1}', "--temp-dir", str(root / "second"),
-            *common], root / "second.log", node_env, stack)
+            *common], root / "second.log", node_env, python, stack)
         yield Cluster(f"http://127.0.0.1:{dashboard}", client_env, token)
 
 
