@@ -28,6 +28,7 @@ from memkd_ray.engine import (
     feature_cache_bytes,
     fit,
     make_optimizer,
+    place_model,
     resolve_precision,
     training_features,
     use_channels_last,
@@ -199,7 +200,7 @@ def test_cuda_cache_placements_match_cpu_features(synth_root):
     indices = torch.tensor([5, 0, 3])
     expected = TrainingFeatures(model.teacher, images, CPU, "device")(indices)
     cuda = torch.device("cuda")
-    model.to(cuda)
+    place_model(model, cfg, cuda)  # as training does: IEEE float32, not cuDNN's default TF32
     for cache in ("device", "host", "off"):
         features = TrainingFeatures(model.teacher, images, cuda, cache)(indices)
         for stage, reference in zip(features, expected, strict=True):
