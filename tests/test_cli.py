@@ -152,3 +152,26 @@ def test_offline_config_trains_any_category_folder_names(synth_root, tmp_path, r
         model, loaded = load_model(checkpoint)
         assert loaded.config.train.lr_schedule == "cosine"
         assert model.normal_map_mean.abs().sum() > 0  # calibrated after training, and kept
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root", "{synth}", "--category",
+     "../../../../{tmp}/outside/stripes"],
+    ["report", "../../outside"],
+    ["runs", "show", "../../outside"],
+    ["models", "show", "../.."],
+    ["models", "pull", "synthetic/..", "--to", "{tmp}/pulled"],
+    ["models", "pull", "synthetic/stripes", "--run", "../../outside", "--to", "{tmp}/pulled"],
+    ["models", "promote", ".."],
+    ["eval", "--checkpoint", "registry:../..", "--data-root", "{synth}", "--category", "mesh"],
+])
+def test_names_never_lead_outside_the_storage_root(argv, trained_run, synth_root, tmp_path,
+                                                   capsys):
+    store = trained_run[0].parent.parent
+    before = sorted(str(p) for p in store.rglob("*"))
+    argv = [a.format(synth=synth_root, tmp=tmp_path) for a in argv]
+    assert main(["-q", *argv, "--storage", f"file://{store}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must be a single path component" in err[0], err
+    assert sorted(str(p) for p in store.rglob("*")) == before
+    assert not any(tmp_path.iterdir())

@@ -31,7 +31,7 @@ from memkd_ray.engine import format_epoch
 from memkd_ray.errors import DataError, UserInputError
 from memkd_ray.metrics import METRIC_KEYS
 from memkd_ray.storage.layout import RunLayout, read_results, write_results
-from memkd_ray.storage.uri import open_storage
+from memkd_ray.storage.uri import open_storage, plain_name
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,9 @@ def _check_data(
     any worker starts; if all are broken the run stops here."""
     if not cfg.data.root:
         raise UserInputError("data.root is not set (pass --data-root)")
+    # Category names become storage paths (runs/<id>/<benchmark>/<category>, registry/...).
+    for name in [*categories, *cfg.data.categories]:
+        plain_name("category", name)
     root = Path(cfg.data.root).expanduser()
     if not root.is_dir():
         if categories == ["all"] and not cfg.data.categories:

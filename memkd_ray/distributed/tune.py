@@ -41,7 +41,7 @@ from memkd_ray.eval_record import RECORD_DIR, encode_eval_record
 from memkd_ray.metrics import METRIC_KEYS
 from memkd_ray.storage.layout import RunLayout
 from memkd_ray.storage.registry import fetch_checkpoint
-from memkd_ray.storage.uri import Storage, open_storage
+from memkd_ray.storage.uri import Storage, open_storage, plain_name
 
 SPEC_FILE = "tune_spec.json"
 RESULTS_FILE = "tune_results.parquet"
@@ -192,11 +192,15 @@ def tune_benchmark(
         names = categories
         if categories == ["all"]:
             names = cfg.data.categories or _discover(cfg)
+        for category in names:  # they become storage paths: checked before any is written
+            plain_name("category", category)
         layout = RunLayout.create(storage)
         spec = {"config": cfg.to_dict(), "categories": names, "space": space,
                 "samples": samples, "scheduler": scheduler, "search": search,
                 "max_concurrent": max_concurrent, "select_on": select_on}
         storage.write_bytes(f"{layout.run_dir}/{SPEC_FILE}", json.dumps(spec).encode())
+    for category in spec["categories"]:  # a saved spec is read back: checked again
+        plain_name("category", category)
     connect(address)
     base = from_dict(spec["config"])
     say(f"tune run {layout.run_id}: {len(spec['categories'])} categories x {spec['samples']} "

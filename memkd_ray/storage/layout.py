@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memkd_ray.storage.uri import Storage, StorageError
+from memkd_ray.storage.uri import Storage, StorageError, plain_name
 
 RESULTS_FILE = "results.parquet"
 
@@ -26,7 +26,7 @@ def new_run_id() -> str:
 class RunLayout:
     def __init__(self, storage: Storage, run_id: str) -> None:
         self.storage = storage
-        self.run_id = run_id
+        self.run_id = plain_name("run id", run_id)
         self.run_dir = storage.path("runs", run_id)
 
     @classmethod
@@ -40,7 +40,7 @@ class RunLayout:
 
     def benchmark_dir(self, benchmark: str) -> str:
         """Where Ray Train puts one run directory per category (`RunConfig.storage_path`)."""
-        return f"{self.run_dir}/{benchmark}"
+        return f"{self.run_dir}/{plain_name('benchmark', benchmark)}"
 
     @property
     def results_path(self) -> str:

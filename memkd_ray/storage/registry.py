@@ -44,7 +44,7 @@ from memkd_ray.config import from_dict
 from memkd_ray.errors import CheckpointError, UserInputError
 from memkd_ray.metrics import METRIC_KEYS
 from memkd_ray.storage.layout import RunLayout, read_results
-from memkd_ray.storage.uri import Storage, open_storage
+from memkd_ray.storage.uri import Storage, open_storage, plain_name
 
 INFERENCE_FILES = (META_FILE, WEIGHTS_FILE)
 DEFAULT_METRIC = "image_auroc"
@@ -64,7 +64,7 @@ def parse_reference(reference: str) -> tuple[str, str]:
     parts = reference.removeprefix("registry:").strip("/").split("/")
     if len(parts) != 2 or not all(parts):
         raise UserInputError(f"{reference}: expected BENCHMARK/CATEGORY, e.g. mvtec/bottle")
-    return parts[0], parts[1]
+    return plain_name("benchmark", parts[0]), plain_name("category", parts[1])
 
 
 class Registry:
@@ -72,7 +72,8 @@ class Registry:
         self.storage = storage
 
     def _dir(self, benchmark: str, category: str) -> str:
-        return self.storage.path("registry", benchmark, category)
+        return self.storage.path("registry", plain_name("benchmark", benchmark),
+                                 plain_name("category", category))
 
     # Reading -----------------------------------------------------------------------------
 

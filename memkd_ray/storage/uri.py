@@ -29,6 +29,16 @@ class StorageError(UserInputError):
     """Storage that cannot be reached or used (wrong endpoint, bucket, credentials)."""
 
 
+def plain_name(kind: str, value: str) -> str:
+    """`value` if it can be one component of a storage path (a run id, benchmark or category
+    name): nothing that would step out of its parent or into a child ("..", "/", "\\")."""
+    if (not value or value in (".", "..") or value != value.strip()
+            or any(c in value for c in "/\\\0")):
+        raise UserInputError(f"{kind} {value!r}: must be a single path component "
+                             "(not '.' or '..', no '/' or '\\')")
+    return value
+
+
 @dataclass(frozen=True)
 class Storage:
     uri: str
@@ -45,7 +55,8 @@ class Storage:
         return self.uri.split("://", 1)[0]
 
     def path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
+        """The path of `root/part/...`; every part a plain name, so none leads outside."""
+        return "/".join([self.root.rstrip("/"), *(plain_name("name", p) for p in parts)])
 
     def uri_for(self, path: str) -> str:
         """URI of a filesystem path under this storage."""
