@@ -182,6 +182,8 @@ def tune_benchmark(
     if resume_run:
         layout = RunLayout(storage, resume_run)
         spec = json.loads(storage.read_bytes(f"{layout.run_dir}/{SPEC_FILE}"))
+        for category in spec["categories"]:  # a saved request is read back: checked again
+            plain_name("category", category)
     else:
         if select_on not in ("validation", "test"):
             raise UserInputError(f"--select-on {select_on}: validation or test")
@@ -199,8 +201,6 @@ def tune_benchmark(
                 "samples": samples, "scheduler": scheduler, "search": search,
                 "max_concurrent": max_concurrent, "select_on": select_on}
         storage.write_bytes(f"{layout.run_dir}/{SPEC_FILE}", json.dumps(spec).encode())
-    for category in spec["categories"]:  # a saved spec is read back: checked again
-        plain_name("category", category)
     connect(address)
     base = from_dict(spec["config"])
     say(f"tune run {layout.run_id}: {len(spec['categories'])} categories x {spec['samples']} "

@@ -72,8 +72,8 @@ class Registry:
         self.storage = storage
 
     def _dir(self, benchmark: str, category: str) -> str:
-        return self.storage.path("registry", plain_name("benchmark", benchmark),
-                                 plain_name("category", category))
+        # Storage.path refuses a name that leads elsewhere (a card's from checkpoint.json too).
+        return self.storage.path("registry", benchmark, category)
 
     # Reading -----------------------------------------------------------------------------
 
