@@ -7,8 +7,9 @@ piece of code here, so that they cannot drift apart:
   http://127.0.0.1:8265) and which token it wants (`--token-file`, RAY_AUTH_MODE,
   RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), sent as a bearer header;
 - what travels with the job: this working tree as `working_dir` (the submitted version of the
-  package, its configs and these scripts), and the storage variables copied *by name* from this
-  shell into the job's `env_vars`, so that no secret value is ever on a command line or printed;
+  package, its configs and these scripts), and the storage settings copied *by name* from this
+  shell into the job's `env_vars` (credentials only with `--aws-credentials`: the nodes should
+  have their own), so that no secret value is ever on a command line or printed;
 - what the user sees: the job id and the commands that follow, stop or inspect it; `--wait`
   streams the job's output and exits with its status (0 SUCCEEDED, 1 FAILED or STOPPED);
   `--dry-run` prints the job that would be submitted (variable names only) and contacts nothing.
@@ -34,11 +35,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
-# The standard AWS variables the package reads (storage/uri.py); copied when they are set.
-AWS_VARIABLES = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+# The standard AWS variables the package reads (storage/uri.py). The settings are copied when
+# set; the credentials only on request: Ray keeps a job's env_vars in its record (dashboard)
+# and its runtime-env agent logs them on every node, so nodes should hold their own.
+AWS_SETTINGS = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
 )
+AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # Never shipped: environments, VCS, data, local results, caches. Ray matches these with
 # gitignore syntax against paths relative to the repository root: a pattern without a
 # leading "/" matches at any depth ("data/" would drop memkd_ray/data/ too), so everything
@@ -104,8 +107,12 @@ def add_cluster_arguments(parser: argparse.ArgumentParser, entrypoint_cpus: floa
     group.add_argument("--env", dest="env_names", action="append", default=[], metavar="NAME",
                        help="copy this variable from your environment into the job (by name)")
     group.add_argument("--no-aws-env", dest="aws_env", action="store_false",
-                       help="do not copy the AWS_* variables (the cluster has its own, e.g. "
-                       "from a Kubernetes Secret or an instance role)")
+                       help="copy no AWS_* variable (by default the endpoint, region and "
+                       "profile name are copied when set)")
+    group.add_argument("--aws-credentials", action="store_true",
+                       help="also copy AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and "
+                       "AWS_SESSION_TOKEN, for nodes without credentials of their own (Ray "
+                       "shows and logs a job's variables: prefer a Secret or instance role)")
     group.add_argument("--working-dir", type=Path, default=REPO,
                        help="tree shipped as the job's working_dir (default: this repository)")
     group.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
@@ -172,13 +179,16 @@ def job_env_names(args: argparse.Namespace) -> tuple[str, ...]:
         if name not in os.environ:
             raise SubmitError(f"--env {name}: not set in this environment")
     if args.aws_env and args.storage.startswith("s3://"):
-        keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-        present = keys & os.environ.keys()
-        if present and present != keys:
-            missing = (keys - present).pop()
-            raise SubmitError(f"{missing} is not set but {present.pop()} is: set both, or "
-                              "pass --no-aws-env if the cluster has its own credentials")
-        names += [name for name in AWS_VARIABLES if name in os.environ and name not in names]
+        copied = AWS_SETTINGS
+        if args.aws_credentials:
+            keys = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+            if keys - os.environ.keys():
+                missing = sorted(keys - os.environ.keys())[0]
+                raise SubmitError(f"--aws-credentials: {missing} is not set")
+            copied += AWS_CREDENTIALS
+        names += [name for name in copied if name in os.environ and name not in names]
+    elif args.aws_credentials:
+        raise SubmitError("--aws-credentials needs an s3:// --storage and no --no-aws-env")
     return tuple(names)
 
 

@@ -49,8 +49,12 @@ def fast_config(*extra: str) -> MemKDConfig:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray with 2 logical CPUs, shared by the tests that need one, stopped at the end."""
+def ray_cluster(s3_endpoint):
+    """A local Ray with 2 logical CPUs, shared by the tests that need one, stopped at the end.
+
+    Started after the S3 variables are set: its workers find credentials as a node of a real
+    cluster does, in their own environment (nothing secret travels with the tasks).
+    """
     import ray
 
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
@@ -88,6 +92,8 @@ def s3_endpoint():
         "AWS_ACCESS_KEY_ID": "memkd-test-key",
         "AWS_SECRET_ACCESS_KEY": S3_SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
+        # No instance-metadata probing: these credentials are the only ones.
+        "AWS_EC2_METADATA_DISABLED": "true",
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -100,6 +106,26 @@ def s3_endpoint():
         else:
             os.environ[key] = value
     server.stop()
+
+
+def assert_no_secret(client, prefix: str, outputs: list[str] = ()) -> int:
+    """Search every object under `prefix` in the test bucket, every file of this Ray session
+    and `outputs` for the secret access key; return how many objects were searched."""
+    import ray
+
+    keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket="memkd-test", Prefix=prefix) for obj in page.get("Contents", [])]
+    for key in keys:
+        body = client.get_object(Bucket="memkd-test", Key=key)["Body"].read()
+        assert S3_SECRET.encode() not in body, key
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    logs = [p for p in session.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.suffix in (".out", ".err", ".log") for p in logs), session
+    for path in logs:
+        assert S3_SECRET.encode() not in path.read_bytes(), path
+    for text in outputs:
+        assert S3_SECRET not in text
+    return len(keys)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from memkd_ray.data.synthetic import generate_benchmark
 from memkd_ray.distributed.launcher import train_benchmark
 from memkd_ray.eval_record import RECORD_FILES
 from memkd_ray.metrics import METRIC_KEYS
-from tests.conftest import CONFIGS, S3_SECRET, fast_config
+from tests.conftest import CONFIGS, S3_SECRET, assert_no_secret, fast_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 # The final checkpoint: weights, training state, metadata and the test evaluation record.
@@ -61,10 +61,8 @@ def test_two_categories_concurrently_stream_to_s3(synth_root, s3_endpoint):
     # Both categories ran at the same time: their epoch lines interleave.
     order = [m.split()[0] for m in messages if " epoch " in m]
     assert order.index("stripes") < len(order) - 2 and order.index("mesh") < len(order) - 2
-    # Credentials never reach what we store.
-    for key in keys:
-        data = s3_endpoint.get_object(Bucket="memkd-test", Key=key)["Body"].read()
-        assert S3_SECRET.encode() not in data, key
+    # Credentials never reach what we store, Ray's logs or the console.
+    assert assert_no_secret(s3_endpoint, "team-a/", messages) == len(keys)
 
 
 def test_file_storage_queues_categories_beyond_the_cluster(tmp_path):

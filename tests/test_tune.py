@@ -16,12 +16,17 @@ import pytest
 
 from memkd_ray.data import read_category
 from memkd_ray.data.validation import make_validation_split
-from memkd_ray.distributed.tune import SearchInterrupted, load_search_space, tune_benchmark
+from memkd_ray.distributed.tune import (
+    SearchInterrupted,
+    load_search_space,
+    mark_selected,
+    tune_benchmark,
+)
 from memkd_ray.errors import ConfigError
 from memkd_ray.metrics import METRIC_KEYS, percent
 from memkd_ray.report import write_report
 from memkd_ray.storage.uri import open_storage
-from tests.conftest import CONFIGS, fast_config
+from tests.conftest import CONFIGS, assert_no_secret, fast_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 SPACE = load_search_space(str(CONFIGS / "tune" / "default.yaml"))
@@ -51,6 +56,20 @@ def test_validation_split_is_seeded_and_built_from_training_images_only(synth_ro
     assert list(a.labels) == [0] * 6 + [1] * 6
     defective = a.masks[a.labels == 1].reshape(6, -1).sum(1)
     assert (defective > 0).all() and a.masks[a.labels == 0].sum() == 0
+
+
+def test_a_trial_that_failed_after_its_checkpoint_is_never_selected():
+    def trial(status: str, value: float, checkpoint: str = "s3://b/c") -> dict:
+        return {"status": status, "selection_value": value, "selection_tiebreak": 0.5,
+                "checkpoint_uri": checkpoint, "selected": False}
+
+    rows = [trial("error", 0.99), trial("ok", 0.80), trial("ok", 0.95, checkpoint=""),
+            trial("ok", 0.70)]
+    mark_selected(rows)
+    assert [r["selected"] for r in rows] == [False, True, False, False]
+    errored_only = [trial("error", 0.99)]
+    mark_selected(errored_only)
+    assert not errored_only[0]["selected"]
 
 
 def test_search_space_keys_are_checked_against_the_config(tmp_path):
@@ -123,6 +142,13 @@ def test_asha_search_on_s3_selects_without_reading_the_test_split(one_category, 
     assert (f'data-category="mesh" data-metric="image_auroc">'
             f'{percent(best["test_image_auroc"])}<') in html
     assert f"<td>mesh</td><td>{best['trial_id']}</td>" in html
+    # Ray Tune pickles its run configuration, storage filesystem included, into the bucket:
+    # the filesystem carries no credentials, so neither do tuner.pkl and the search state.
+    run_keys = [o["Key"] for page in s3_endpoint.get_paginator("list_objects_v2").paginate(
+        Bucket="memkd-test", Prefix=f"tune/runs/{summary.run_id}/") for o in page["Contents"]]
+    assert any(k.endswith("/tuner.pkl") for k in run_keys), run_keys
+    assert any("basic-variant-state" in k for k in run_keys), run_keys
+    assert assert_no_secret(s3_endpoint, "tune/", messages) >= len(run_keys)
 
 
 def test_interrupted_search_resumes_only_the_remaining_trials(one_category, tmp_path):

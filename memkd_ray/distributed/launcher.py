@@ -64,22 +64,22 @@ def concurrent_categories(cfg: MemKDConfig, joined: bool = False) -> int:
     autoscaling cluster starts with no GPU nodes and adds them when the trainers ask.
     """
     d = cfg.distributed
-    if d.max_concurrent_categories:
-        return d.max_concurrent_categories
     total = ray.cluster_resources()
     slots = math.floor(total.get("CPU", 0) / (d.workers_per_category * d.cpus_per_worker) + 1e-9)
     if d.gpus_per_worker:
         gpu_need = d.workers_per_category * d.gpus_per_worker
         slots = min(slots, math.floor(total.get("GPU", 0) / gpu_need + 1e-9))
-    if slots < 1 and joined:
-        log.info("the cluster has no room for a category yet; waiting for the autoscaler")
-        return 1
-    if slots < 1:
+    if slots < 1 and not joined:
         raise UserInputError(
             f"a category needs {d.workers_per_category} workers x {d.cpus_per_worker} CPU"
             f"{f' x {d.gpus_per_worker} GPU' if d.gpus_per_worker else ''}, the cluster has "
             f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU"
         )
+    if d.max_concurrent_categories:
+        return d.max_concurrent_categories
+    if slots < 1:
+        log.info("the cluster has no room for a category yet; waiting for the autoscaler")
+        return 1
     return slots
 
 

@@ -205,9 +205,11 @@ def tune_benchmark(
     base = from_dict(spec["config"])
     say(f"tune run {layout.run_id}: {len(spec['categories'])} categories x {spec['samples']} "
         f"trials, selecting on {spec['select_on']}")
+    # A local cluster that cannot hold one trial's worker group fails here, not by waiting.
+    limit = spec["max_concurrent"] or concurrent_categories(base, joined=address is not None)
     rows: list[dict] = []
     for category in spec["categories"]:
-        rows += _search_category(spec, base, category, layout, storage, bool(resume_run))
+        rows += _search_category(spec, base, category, layout, storage, limit, bool(resume_run))
     selected = {row["category"]: row for row in rows if row["selected"]}
     if on_selected is not None:
         on_selected(selected)
@@ -233,7 +235,7 @@ def _discover(cfg: MemKDConfig) -> list[str]:
 
 
 def _search_category(spec: dict[str, Any], base: MemKDConfig, category: str, layout: RunLayout,
-                     storage: Storage, resume: bool) -> list[dict]:
+                     storage: Storage, limit: int, resume: bool) -> list[dict]:
     metric = "val_image_auroc" if spec["select_on"] == "validation" else "image_auroc"
     experiment_root = layout.benchmark_dir(base.data.benchmark)
     trainable = tune.with_resources(
@@ -243,11 +245,11 @@ def _search_category(spec: dict[str, Any], base: MemKDConfig, category: str, lay
         {"CPU": 0.01},  # the trial only waits on its Train run, which holds the real resources
     )
     path = f"{experiment_root}/{category}"
+    _keep_credentials_out_of_trial_runtime_env()
     if resume and tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem):
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=storage.filesystem)
     else:
-        limit = spec["max_concurrent"] or concurrent_categories(base, joined=True)
         tuner = tune.Tuner(
             trainable,
             param_space={"memkd": {k: DISTRIBUTIONS[next(iter(v))](next(iter(v.values())))
@@ -272,12 +274,28 @@ def _search_category(spec: dict[str, Any], base: MemKDConfig, category: str, lay
                                 f"memkd-ray tune --resume {layout.run_id} --storage "
                                 f"{storage.uri}")
     rows = [_trial_row(result, spec, base, category, layout, storage, metric) for result in grid]
-    candidates = [r for r in rows if r["checkpoint_uri"]]
+    mark_selected(rows)
+    return rows
+
+
+def mark_selected(rows: list[dict]) -> None:
+    """Mark the best trial that ended well with a checkpoint: a trial that failed after
+    reporting one is not a result (its last report may be from a broken state)."""
+    candidates = [r for r in rows if r["checkpoint_uri"] and r["status"] == "ok"]
     if candidates:
         best = max(candidates, key=lambda r: (_finite(r["selection_value"]),
                                               _finite(r["selection_tiebreak"])))
         best["selected"] = True
-    return rows
+
+
+def _keep_credentials_out_of_trial_runtime_env() -> None:
+    """Ray Tune copies the driver's AWS key variables into every trainable's `runtime_env`
+    (`ray.tune.execution.class_cache`), which Ray keeps and its runtime-env agent logs in clear
+    text. Every process here finds credentials itself (storage/uri.py), so they are dropped."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = class_cache.ENV_VARS_TO_PROPAGATE - {
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
 
 
 def _trial_row(result: Any, spec: dict[str, Any], base: MemKDConfig, category: str,

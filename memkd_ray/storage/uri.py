@@ -1,9 +1,11 @@
 """Storage URIs (`file://`, plain paths, `s3://bucket/prefix`) as pyarrow filesystems.
 
-S3 endpoint, region and credentials come from the standard AWS environment variables and
-profiles (`AWS_ENDPOINT_URL` for MinIO, Ceph, moto...), resolved once by boto3's session and
-handed to pyarrow explicitly, so that the filesystem object Ray ships to remote workers carries
-them (in memory, never in logs or results).
+S3 endpoint and region come from the standard AWS environment variables and profiles
+(`AWS_ENDPOINT_URL` for MinIO, Ceph, moto...) and travel with the filesystem object Ray ships to
+remote workers. Credentials never do: boto3 and pyarrow each use the default AWS credential
+chain (environment, profile, web identity, container and instance metadata) in the process that
+touches the bucket, so temporary credentials refresh on every node and no key is pickled (Ray
+Tune pickles the run's filesystem into `tuner.pkl` in the bucket).
 """
 
 from __future__ import annotations
@@ -147,8 +149,6 @@ def _open_s3(uri: str) -> Storage:
     if not bucket:
         raise StorageError(f"--storage {uri}: no bucket name")
     session = boto3.Session()
-    credentials = session.get_credentials()
-    frozen = credentials.get_frozen_credentials() if credentials is not None else None
     region = session.region_name or "us-east-1"
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     client = session.client(
@@ -158,10 +158,9 @@ def _open_s3(uri: str) -> Storage:
             retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},
         ),
     )
+    # No keys given: pyarrow's default credential provider chain, which refreshes temporary
+    # credentials and leaves them out of the object's pickle.
     filesystem = pafs.S3FileSystem(
-        access_key=frozen.access_key if frozen else None,
-        secret_key=frozen.secret_key if frozen else None,
-        session_token=frozen.token if frozen else None,
         region=region,
         endpoint_override=endpoint,
         connect_timeout=S3_CONNECT_TIMEOUT_S,
