@@ -19,6 +19,8 @@ from memkd_ray.metrics import METRIC_LABELS, nan_mean, percent
 
 log = logging.getLogger("memkd_ray")
 DEFAULT_STORAGE = "./memkd-store"
+EXIT_INTERRUPTED = 130
+"""Exit code of a run stopped by SIGINT or SIGTERM (128 + SIGINT): it can be resumed."""
 CHECKPOINT_HELP = ("checkpoint directory, file:// or s3:// URI of one, or registry:BENCH/CAT "
                    "(the best model in --storage)")
 
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--data-root", required=True)
 
     train = commands.add_parser("train", help="train and evaluate categories of a benchmark")
-    train.add_argument("--config", required=True, type=Path)
+    train.add_argument("--config", type=Path, help="required unless --resume")
     train.add_argument("--data-root", help="benchmark directory (overrides data.root)")
     train.add_argument("--category", nargs="+", default=["all"], help="names, or all")
     train.add_argument("--storage", default=DEFAULT_STORAGE,
@@ -61,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="config override, e.g. train.epochs=5")
 
+    train.add_argument("--resume", metavar="RUN_ID",
+                       help="continue an interrupted or crashed run from its checkpoints "
+                       "(its saved config and categories; --data-root may move the data)")
     train.add_argument("--no-promote", dest="promote", action="store_false",
                        help="do not offer the new checkpoints to the model registry")
     train.add_argument("--no-report", dest="report", action="store_false",
@@ -149,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("memkd-ray: interrupted", file=sys.stderr)
-        return 1
+        return EXIT_INTERRUPTED
     except Exception:
         log.exception("memkd-ray: failed")
         return 1
@@ -204,8 +209,20 @@ def _train(args: argparse.Namespace) -> int:
     from memkd_ray.config import load_config
     from memkd_ray.distributed.launcher import train_benchmark
 
-    cfg = load_config(args.config, _train_overrides(args))
-    summary = train_benchmark(cfg, args.category, args.storage, address=args.address)
+    cfg = None
+    if args.resume:
+        given = [flag for flag, value in (("--config", args.config), ("--set", args.overrides),
+                                          ("--workers-per-category", args.workers_per_category),
+                                          ("--category", args.category != ["all"])) if value]
+        if given:
+            raise UserInputError(f"--resume continues a run with its saved request: {given[0]} "
+                                 "cannot change it")
+    elif args.config is None:
+        raise UserInputError("--config is required (or --resume RUN_ID)")
+    else:
+        cfg = load_config(args.config, _train_overrides(args))
+    summary = train_benchmark(cfg, args.category, args.storage, address=args.address,
+                              resume_run=args.resume, data_root=args.data_root)
     print(format_results_table(summary.rows))
     print(f"run {summary.run_id}: {summary.results_uri}")
     if args.promote:
@@ -216,10 +233,17 @@ def _train(args: argparse.Namespace) -> int:
         for row in summary.rows:
             if row["status"] == "ok":
                 _print_promotion(registry.promote(row["checkpoint_uri"]))
-    if args.report:
+    if summary.interrupted:
+        names = " ".join(row["category"] for row in summary.interrupted)
+        print(f"memkd-ray: {summary.signal or 'interrupted'}: not finished: {names}; continue "
+              f"with: memkd-ray train --resume {summary.run_id} --storage {args.storage}",
+              file=sys.stderr)
+    elif args.report:
         _final_report(args.storage, summary.run_id)
     for row in summary.failed:
         print(f"FAILED {row['category']}: {row['error']}", file=sys.stderr)
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
     return 1 if summary.failed else 0
 
 
@@ -261,7 +285,7 @@ def _tune(args: argparse.Namespace) -> int:
         )
     except SearchInterrupted as exc:
         print(f"memkd-ray: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_INTERRUPTED
     print(format_tune_table(summary.rows))
     print(f"tune run {summary.run_id}: {summary.results_uri}")
     if args.promote:

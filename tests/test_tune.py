@@ -159,7 +159,7 @@ def test_interrupted_search_resumes_only_the_remaining_trials(one_category, tmp_
         if message.endswith("finished"):
             finished.append(message.split()[2])
             if len(finished) == 2:
-                os.kill(os.getpid(), signal.SIGUSR1)  # what Ctrl+C does to a Tune driver
+                os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or Kubernetes would
 
     with pytest.raises(SearchInterrupted, match=r"--resume \S+"):
         tune_benchmark(_config(one_category), ["mesh"], store, SPACE, samples=4,

@@ -5,16 +5,25 @@ together as the cluster's CPUs/GPUs hold and the others queue. Rank 0 of every c
 one progress message per epoch through a Ray queue, printed here as one line, instead of Ray's
 worker logs. One category failing does not stop the others; results.parquet gets one row per
 category either way.
+
+Ray Train stops a run on Ctrl+C only when `fit()` runs in the main thread, so the driver takes
+SIGINT and SIGTERM itself: the first asks every category's workers to stop at their next step
+(a flag actor they poll), categories not started are not started, and after a grace period the
+driver stops waiting; unfinished categories are recorded as `interrupted`. The request is saved
+with the run (`train_spec.json`), so `train --resume RUN_ID` continues from the checkpoints in
+storage: Ray Train restores each category's last checkpoint, finished categories are kept.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import signal
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,16 +33,21 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
-from memkd_ray.config import MemKDConfig
+from memkd_ray.config import MemKDConfig, from_dict
 from memkd_ray.data import read_configured_category, resolve_categories
-from memkd_ray.distributed.train_loop import train_loop_per_worker
+from memkd_ray.distributed.train_loop import STOPPED, train_loop_per_worker
 from memkd_ray.engine import format_epoch
 from memkd_ray.errors import DataError, UserInputError
 from memkd_ray.metrics import METRIC_KEYS
 from memkd_ray.storage.layout import RunLayout, read_results, write_results
-from memkd_ray.storage.uri import open_storage, plain_name
+from memkd_ray.storage.uri import Storage, open_storage, plain_name
 
 log = logging.getLogger(__name__)
+
+
+SPEC_FILE = "train_spec.json"
+STOP_GRACE_S = 25.0
+"""After a stop request, how long the driver waits for categories to reach a step boundary."""
 
 
 @dataclass
@@ -41,10 +55,63 @@ class RunSummary:
     run_id: str
     results_uri: str
     rows: list[dict]
+    signal: str = ""
+    """The signal that interrupted the run (SIGINT, SIGTERM), or empty."""
 
     @property
     def failed(self) -> list[dict]:
-        return [row for row in self.rows if row["status"] != "ok"]
+        return [row for row in self.rows if row["status"] == "failed"]
+
+    @property
+    def interrupted(self) -> list[dict]:
+        return [row for row in self.rows if row["status"] == "interrupted"]
+
+
+@ray.remote(num_cpus=0)
+class StopFlag:
+    """Set once by the driver on Ctrl+C; every worker polls it (train_loop.StopPolling)."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+class Interruption:
+    """SIGINT/SIGTERM while a run is under way: the first asks for a stop, a second forces it.
+
+    The handlers only set events (no I/O: a handler may run while the main thread holds the
+    logging lock); the waiting loop reports them.
+    """
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.forced = threading.Event()
+        self.signal = ""
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested.is_set():
+            self.forced.set()
+        else:
+            self.signal = signal.Signals(signum).name
+            self.requested.set()
+
+    @contextmanager
+    def handlers(self) -> Iterator[Interruption]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def connect(address: str | None = None) -> None:
@@ -84,47 +151,120 @@ def concurrent_categories(cfg: MemKDConfig, joined: bool = False) -> int:
 
 
 def train_benchmark(
-    cfg: MemKDConfig,
+    cfg: MemKDConfig | None,
     categories: list[str],
     storage_uri: str,
     address: str | None = None,
     fault: dict[str, Any] | None = None,
     on_message: Callable[[str], None] | None = None,
+    resume_run: str | None = None,
+    data_root: str | None = None,
 ) -> RunSummary:
     """Train `categories` (or `["all"]`) concurrently; write results.parquet; return rows.
 
     Bad input that concerns the whole run (config, storage, every category's data) raises a
-    UserInputError before anything is written. `fault` is a test hook passed to the workers.
+    UserInputError before anything is written. `resume_run` continues a run from its saved
+    request and checkpoints (`cfg` and `categories` are then ignored; `data_root`, if given,
+    replaces the saved one). `fault` is a test hook passed to the workers.
     """
     storage = open_storage(storage_uri)
+    finished: dict[str, dict] = {}
+    if resume_run:
+        layout, cfg, categories, finished = _saved_run(storage, resume_run, data_root)
     cfg, names, broken = _check_data(cfg, categories)
     connect(address)
-    layout = RunLayout.create(storage)
     say = on_message or log.info
     slots = concurrent_categories(cfg, joined=address is not None)
+    if not resume_run:
+        layout = RunLayout.create(storage)
+        spec = {"config": cfg.to_dict(), "categories": names}
+        storage.write_bytes(f"{layout.run_dir}/{SPEC_FILE}", json.dumps(spec).encode())
+    todo = [name for name in names if name not in broken and name not in finished]
     say(f"run {layout.run_id}: {len(names)} categories, {slots} at a time, "
-        f"{cfg.distributed.workers_per_category} workers each -> {storage.uri_for(layout.run_dir)}")
+        f"{cfg.distributed.workers_per_category} workers each -> {storage.uri_for(layout.run_dir)}"
+        + (f" (resumed: {len(todo)} to continue)" if resume_run else ""))
     progress = Queue(actor_options={"num_cpus": 0})
+    flag = StopFlag.remote()
     stop = threading.Event()
     printer = threading.Thread(target=_print_progress, args=(progress, stop, say), daemon=True)
     printer.start()
+    interruption = Interruption()
+
+    def train(name: str) -> dict:
+        return _collect(cfg, name, layout, say, interruption,
+                        lambda: _train_category(cfg, name, layout, progress, flag, fault))
+
     try:
-        with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="category") as pool:
-            futures = {
-                name: pool.submit(_train_category, cfg, name, layout, progress, fault)
-                for name in names if name not in broken
-            }
-            rows = [
-                _failed_row(cfg, layout, name, broken[name]) if name in broken
-                else _collect(futures[name], cfg, layout, name, say)
-                for name in names
-            ]
+        with interruption.handlers():
+            done = _run_categories(todo, slots, interruption, flag.set.remote, say, train)
     finally:
         stop.set()
-        printer.join()
-        ray.kill(progress.actor)
+        printer.join(timeout=5)
+        for actor in (progress.actor, flag):
+            ray.kill(actor)
+    rows = [finished.get(name) or done.get(name)
+            or (_failed_row(cfg, layout, name, broken[name]) if name in broken
+                else _interrupted_row(cfg, layout, name))
+            for name in names]
     results_uri = write_results(layout, rows)
-    return RunSummary(layout.run_id, results_uri, read_results(layout))
+    return RunSummary(layout.run_id, results_uri, read_results(layout), interruption.signal)
+
+
+def _saved_run(
+    storage: Storage, run_id: str, data_root: str | None
+) -> tuple[RunLayout, MemKDConfig, list[str], dict[str, dict]]:
+    """The request of a run started earlier and the categories it finished."""
+    layout = RunLayout(storage, run_id)
+    spec_path = f"{layout.run_dir}/{SPEC_FILE}"
+    if not storage.exists(spec_path):
+        raise UserInputError(f"--resume {run_id}: no such train run in {storage.uri}")
+    spec = json.loads(storage.read_bytes(spec_path))
+    cfg = from_dict(spec["config"])
+    if data_root:
+        cfg = replace(cfg, data=replace(cfg.data, root=data_root))
+    finished = {}
+    if storage.exists(layout.results_path):
+        finished = {row["category"]: row for row in read_results(layout)
+                    if row["status"] == "ok"}
+    return layout, cfg, list(spec["categories"]), finished
+
+
+def _run_categories(
+    names: list[str], slots: int, interruption: Interruption, stop_workers: Callable[[], Any],
+    say: Callable[[str], None], run: Callable[[str], dict],
+) -> dict[str, dict]:
+    """Run `run(name)` for every name, `slots` at a time, in daemon threads; on a stop request
+    start no more, call `stop_workers` and wait at most STOP_GRACE_S (a second signal: not at
+    all). Returns the rows of the categories that ended; a thread still running when we stop
+    waiting is abandoned (daemon: the process may exit; Ray ends its actors with us)."""
+    queue = list(reversed(names))
+    rows: dict[str, dict] = {}
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while not interruption.requested.is_set():
+            with lock:
+                if not queue:
+                    return
+                name = queue.pop()
+            rows[name] = run(name)
+
+    threads = [threading.Thread(target=worker, name=f"category-{i}", daemon=True)
+               for i in range(min(slots, len(names)))]
+    for thread in threads:
+        thread.start()
+    deadline = math.inf
+    while any(thread.is_alive() for thread in threads):
+        for thread in threads:
+            thread.join(timeout=0.2)
+        if interruption.requested.is_set() and deadline == math.inf:
+            say(f"{interruption.signal}: stopping every category at its next step "
+                f"(waiting up to {STOP_GRACE_S:.0f}s; press Ctrl+C again to stop now)")
+            stop_workers()
+            deadline = time.monotonic() + STOP_GRACE_S
+        if interruption.forced.is_set() or time.monotonic() > deadline:
+            break
+    return dict(rows)
 
 
 def _check_data(
@@ -159,7 +299,7 @@ def _check_data(
 
 
 def _train_category(
-    cfg: MemKDConfig, category: str, layout: RunLayout, progress: Queue,
+    cfg: MemKDConfig, category: str, layout: RunLayout, progress: Queue, flag: Any,
     fault: dict[str, Any] | None,
 ) -> dict:
     d = cfg.distributed
@@ -168,7 +308,7 @@ def _train_category(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "category": category, "progress": progress,
-                           "fault": fault},
+                           "stop_flag": flag, "fault": fault},
         scaling_config=ScalingConfig(num_workers=d.workers_per_category,
                                      use_gpu=d.gpus_per_worker > 0,
                                      resources_per_worker=resources),
@@ -187,25 +327,31 @@ def _train_category(
     metrics = result.metrics or {}
     return {
         **_base_row(cfg, layout, category),
-        "status": "ok",
+        "status": "interrupted" if result.return_value == STOPPED else "ok",
         "error": "",
         **{key: float(metrics.get(key, math.nan)) for key in METRIC_KEYS},
         "epochs": int(metrics.get("epoch", 0)),
         "workers": int(metrics.get("workers", 0)),
         "wall_seconds": time.perf_counter() - started,
-        "checkpoint_uri": layout.storage.uri_for(result.checkpoint.path),
+        "checkpoint_uri": (layout.storage.uri_for(result.checkpoint.path)
+                           if result.checkpoint else ""),
     }
 
 
-def _collect(future: Any, cfg: MemKDConfig, layout: RunLayout, category: str,
-             say: Callable[[str], None]) -> dict:
+def _collect(cfg: MemKDConfig, category: str, layout: RunLayout, say: Callable[[str], None],
+             interruption: Interruption, train: Callable[[], dict]) -> dict:
     try:
-        row = future.result()
+        row = train()
     except Exception as exc:
+        if interruption.requested.is_set():
+            return _interrupted_row(cfg, layout, category)
         reason = one_line_reason(exc)
         say(f"{category}: FAILED: {reason}")
         return _failed_row(cfg, layout, category, reason)
-    say(f"{category}: done in {row['wall_seconds']:.0f}s, I-AUROC {row['image_auroc']:.3f}")
+    if row["status"] == "interrupted":
+        say(f"{category}: stopped after epoch {row['epochs']}")
+    else:
+        say(f"{category}: done in {row['wall_seconds']:.0f}s, I-AUROC {row['image_auroc']:.3f}")
     return row
 
 
@@ -214,11 +360,16 @@ def _base_row(cfg: MemKDConfig, layout: RunLayout, category: str) -> dict:
             "config_hash": cfg.hash()}
 
 
-def _failed_row(cfg: MemKDConfig, layout: RunLayout, category: str, reason: str) -> dict:
-    return {**_base_row(cfg, layout, category), "status": "failed", "error": reason,
+def _failed_row(cfg: MemKDConfig, layout: RunLayout, category: str, reason: str,
+                status: str = "failed") -> dict:
+    return {**_base_row(cfg, layout, category), "status": status, "error": reason,
             **dict.fromkeys(METRIC_KEYS, math.nan), "epochs": 0, "workers": 0,
             "wall_seconds": 0.0,
             "checkpoint_uri": ""}
+
+
+def _interrupted_row(cfg: MemKDConfig, layout: RunLayout, category: str) -> dict:
+    return _failed_row(cfg, layout, category, "", status="interrupted")
 
 
 def one_line_reason(exc: BaseException) -> str:

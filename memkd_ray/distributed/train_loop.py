@@ -3,16 +3,21 @@
 Each worker of a category's group holds the whole (small) training set and its teacher-feature
 cache, trains on its DistributedSampler shard with the global batch split across workers,
 draws its own NEL exemplars, and DDP averages the gradients. Rank 0 writes the checkpoints.
+When the driver asks for a stop (Ctrl+C), the workers leave at the next step boundary without
+a checkpoint of the unfinished epoch: a resumed run repeats that epoch only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import ray.exceptions
 import ray.train
 import ray.train.torch
 import torch
@@ -59,7 +64,51 @@ def sharded_batches(
     return batches
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+STOPPED = "stopped"
+"""What the loop returns when the driver stopped it before its last epoch."""
+
+
+class StopPolling:
+    """Whether the driver asked for a stop (launcher.StopFlag). Polled at most once a second;
+    with several workers the answer is all-reduced every `every` steps, so that all of them stop
+    at the same step (DDP would wait forever for one that went on)."""
+
+    POLL_S = 1.0
+
+    def __init__(self, flag: Any, world: int, device: torch.device, every: int = 4) -> None:
+        self.flag, self.world, self.device = flag, world, device
+        self.every = every if world > 1 else 1
+        self.requested = False
+        self._seen = False
+        self._polled = -math.inf
+        self._steps = 0
+
+    def __call__(self) -> bool:
+        self._steps += 1
+        if self.requested or self._steps % self.every:
+            return self.requested
+        if self.flag is not None and time.monotonic() - self._polled >= self.POLL_S:
+            self._polled = time.monotonic()
+            # The driver gone or slow: training goes on, and so do its checkpoints.
+            with contextlib.suppress(ray.exceptions.RayError):
+                self._seen = self._seen or ray.get(self.flag.is_set.remote(), timeout=5)
+        if self.world > 1:
+            votes = torch.tensor([float(self._seen)], device=self.device)
+            torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+            self.requested = bool(votes.item())
+        else:
+            self.requested = self._seen
+        return self.requested
+
+
+def until_stopped(batches: Iterable[torch.Tensor], stop: StopPolling) -> Iterator[torch.Tensor]:
+    for batch in batches:
+        if stop():
+            return
+        yield batch
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> str | None:
     cfg: MemKDConfig = validate(from_dict(loop_config["config"]))
     category: str = loop_config["category"]
     progress = loop_config.get("progress")
@@ -96,7 +145,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # The run had finished, but whoever launched it died before recording that (an
         # interrupted search): hand back its last result and checkpoint without retraining.
         ray.train.report({**state.history[-1], "checkpoint_path": restored.path})
-        return
+        return None
     objective = maybe_compile(ray.train.torch.prepare_model(MemKDObjective(model, cfg)), cfg)
 
     images = load_training_images(train_samples, cfg.data.image_size, cfg.train.loader_workers)
@@ -104,14 +153,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     per_worker_batch = max(1, math.ceil(cfg.train.batch_size / world))
     fault = loop_config.get("fault") or {}
     record: dict[str, bytes] | None = None
+    stop = StopPolling(loop_config.get("stop_flag"), world, device)
 
     for epoch in range(state.epoch, cfg.train.epochs):
         started = time.perf_counter()
         start_epoch(state.optimizer, cfg, epoch)
         batches = sharded_batches(len(images), per_worker_batch, rank, world, cfg.train.seed,
                                   epoch)
-        stats = train_one_epoch(model, features, batches, state.optimizer, cfg, state.generator,
-                                objective)
+        stats = train_one_epoch(model, features, until_stopped(batches, stop), state.optimizer,
+                                cfg, state.generator, objective)
+        if stop.requested:  # the unfinished epoch is dropped; Result.return_value says why
+            return STOPPED
         state.epoch = epoch + 1
         if restored is None and state.epoch == fault.get("fail_at_epoch"):
             _inject_fault(fault, rank)
@@ -136,6 +188,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _report_with_checkpoint(metrics, state, cfg, rank, category, record)
         else:
             ray.train.report(metrics)
+    return None
 
 
 def _report_with_checkpoint(
@@ -160,8 +213,13 @@ def _report_with_checkpoint(
 
 
 def _emit(progress: Any, rank: int, message: dict[str, Any]) -> None:
+    """Progress for the driver's console; losing it (the queue actor died) must not stop
+    training, which reports and checkpoints through Ray Train, not through the queue."""
     if progress is not None and rank == 0:
-        progress.put(message)
+        try:
+            progress.put(message, timeout=10)
+        except Exception as exc:  # queue.Full, a dead queue actor (RayActorError)
+            print(f"progress message not delivered ({type(exc).__name__})", flush=True)
 
 
 def _inject_fault(fault: dict[str, Any], rank: int) -> None:

@@ -16,7 +16,11 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Callable
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,7 +268,8 @@ def _search_category(spec: dict[str, Any], base: MemKDConfig, category: str, lay
                                       storage_filesystem=storage.filesystem, verbose=0,
                                       callbacks=[_Progress(category, metric)]),
         )
-    grid = tuner.fit()
+    with _sigterm_stops_the_search():
+        grid = tuner.fit()
     ended = grid.num_terminated + grid.num_errors
     if len(grid) < spec["samples"] or ended < len(grid):
         # Tune stops gracefully on SIGINT/SIGUSR1 and returns the trials so far (the random
@@ -276,6 +281,22 @@ def _search_category(spec: dict[str, Any], base: MemKDConfig, category: str, lay
     rows = [_trial_row(result, spec, base, category, layout, storage, metric) for result in grid]
     mark_selected(rows)
     return rows
+
+
+@contextmanager
+def _sigterm_stops_the_search() -> Iterator[None]:
+    """Ray Tune saves its state and stops on SIGINT or SIGUSR1 (main thread only); SIGTERM
+    (`kill`, a batch scheduler, Kubernetes) is made to do the same instead of killing the
+    driver with the search state unsaved."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM,
+                             lambda signum, frame: os.kill(os.getpid(), signal.SIGUSR1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def mark_selected(rows: list[dict]) -> None:
