@@ -170,6 +170,9 @@ class DistributedConfig:
     """At least 2: a restore after a hard kill must not find its checkpoint deleted."""
     max_concurrent_categories: int = 0
     """0: as many categories at once as the cluster's CPUs/GPUs hold; the rest queue."""
+    placement_timeout_s: float = 300.0
+    """How long a category waits for its worker group's resources before it fails; 0 waits
+    forever (an autoscaling cluster adding GPU nodes)."""
 
 
 @dataclass
@@ -264,6 +267,8 @@ def validate(cfg: MemKDConfig) -> MemKDConfig:
         ("distributed.gpus_per_worker", cfg.distributed.gpus_per_worker >= 0,
          "must be non-negative"),
         ("distributed.max_failures", cfg.distributed.max_failures >= 0, "must be non-negative"),
+        ("distributed.placement_timeout_s", cfg.distributed.placement_timeout_s >= 0,
+         "must be non-negative (0 waits forever)"),
         ("distributed.checkpoints_to_keep", cfg.distributed.checkpoints_to_keep >= 2,
          "must be at least 2"),
         ("tune.validation_normal_fraction", 0 < cfg.tune.validation_normal_fraction < 0.5,

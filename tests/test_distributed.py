@@ -7,6 +7,7 @@ import io
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,7 +15,9 @@ import pytest
 
 from memkd_ray.cli import main
 from memkd_ray.data.synthetic import generate_benchmark
+from memkd_ray.distributed import launcher
 from memkd_ray.distributed.launcher import train_benchmark
+from memkd_ray.errors import UserInputError
 from memkd_ray.eval_record import RECORD_FILES
 from memkd_ray.metrics import METRIC_KEYS
 from tests.conftest import CONFIGS, S3_SECRET, assert_no_secret, fast_config
@@ -151,3 +154,28 @@ def test_unusable_s3_storage_is_a_quick_one_line_error(storage, endpoint, messag
     assert code == 2
     assert len(err) == 1 and message in err[0], err
     assert S3_SECRET not in err[0]
+
+
+def test_a_category_the_cluster_cannot_place_fails_after_the_timeout(synth_root, tmp_path,
+                                                                     monkeypatch):
+    # Joined to a cluster (which may be autoscaling), a GPU category on CPU-only nodes waits,
+    # says what for, and fails once distributed.placement_timeout_s has passed.
+    monkeypatch.setattr(launcher, "WAIT_NOTICE_S", 1.0)
+    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
+    cfg = _config(synth_root, "distributed.gpus_per_worker=1",
+                  "distributed.placement_timeout_s=5", "train.epochs=1")
+    messages: list[str] = []
+    began = time.monotonic()
+    summary = train_benchmark(cfg, ["mesh"], f"file://{tmp_path / 'store'}", address="auto",
+                              on_message=messages.append)
+    assert time.monotonic() - began < 90
+    (row,) = summary.rows
+    assert row["status"] == "failed"
+    assert "no room in the cluster after 5 s (distributed.placement_timeout_s)" in row["error"]
+    needs = "needs 1 workers x 0.5 CPU x 1 GPU; the cluster has 2 CPU, 0 GPU"
+    assert needs in row["error"]
+    assert any(m.startswith(f"mesh: waiting for resources: {needs}") for m in messages)
+    # The same request on a local cluster (no --address) is refused before anything starts.
+    with pytest.raises(UserInputError, match=f"a category {needs}"):
+        train_benchmark(cfg, ["mesh"], f"file://{tmp_path / 'local'}")
+    assert not (tmp_path / "local").exists()

@@ -11,12 +11,12 @@ import pytest
 
 from memkd_ray.checkpoint import save_checkpoint
 from memkd_ray.cli import main
-from memkd_ray.errors import CheckpointError
+from memkd_ray.errors import CheckpointError, UserInputError
 from memkd_ray.metrics import METRIC_KEYS
 from memkd_ray.model import create_memkd
 from memkd_ray.storage.layout import RunLayout, write_results
 from memkd_ray.storage.registry import Registry
-from memkd_ray.storage.uri import open_storage
+from memkd_ray.storage.uri import open_storage, plain_name
 from tests.conftest import S3_SECRET, fast_config
 
 CATEGORY = "mesh"
@@ -195,3 +195,16 @@ def test_credentials_never_reach_outputs_or_stored_objects(s3_endpoint, model_an
         body = s3_endpoint.get_object(Bucket="memkd-test", Key=obj["Key"])["Body"].read()
         assert S3_SECRET.encode() not in body, obj["Key"]
     assert uri.startswith("s3://memkd-test/")
+
+
+@pytest.mark.parametrize("name", ["mesh", "metal_nut", "pcb1", "CandyCane", "v1.2",
+                                  "20261130-133624-70b085", "0"])
+def test_names_of_real_benchmarks_and_runs_are_plain(name):
+    assert plain_name("category", name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "-x", "_x", "a/b", "a\\b",
+                                  "my parts", "mesh ", "caf\u00e9", "a\0b", "a\nb"])
+def test_anything_else_is_refused_as_a_storage_name(name):
+    with pytest.raises(UserInputError, match="must be a plain name"):
+        plain_name("category", name)

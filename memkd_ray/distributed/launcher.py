@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -45,6 +46,8 @@ from memkd_ray.storage.uri import Storage, open_storage, plain_name
 log = logging.getLogger(__name__)
 
 
+WAIT_NOTICE_S = 15.0
+"""A category whose workers have not started after this long says what it waits for."""
 SPEC_FILE = "train_spec.json"
 STOP_GRACE_S = 25.0
 """After a stop request, how long the driver waits for categories to reach a step boundary."""
@@ -65,6 +68,10 @@ class RunSummary:
     @property
     def interrupted(self) -> list[dict]:
         return [row for row in self.rows if row["status"] == "interrupted"]
+
+
+class PlacementError(RuntimeError):
+    """A category's worker group found no room in the cluster within the placement timeout."""
 
 
 @ray.remote(num_cpus=0)
@@ -137,11 +144,7 @@ def concurrent_categories(cfg: MemKDConfig, joined: bool = False) -> int:
         gpu_need = d.workers_per_category * d.gpus_per_worker
         slots = min(slots, math.floor(total.get("GPU", 0) / gpu_need + 1e-9))
     if slots < 1 and not joined:
-        raise UserInputError(
-            f"a category needs {d.workers_per_category} workers x {d.cpus_per_worker} CPU"
-            f"{f' x {d.gpus_per_worker} GPU' if d.gpus_per_worker else ''}, the cluster has "
-            f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU"
-        )
+        raise UserInputError(f"a category {_needs(cfg)}")
     if d.max_concurrent_categories:
         return d.max_concurrent_categories
     if slots < 1:
@@ -186,13 +189,15 @@ def train_benchmark(
     progress = Queue(actor_options={"num_cpus": 0})
     flag = StopFlag.remote()
     stop = threading.Event()
-    printer = threading.Thread(target=_print_progress, args=(progress, stop, say), daemon=True)
+    started = {name: threading.Event() for name in todo}
+    printer = threading.Thread(target=_print_progress, args=(progress, stop, say, started),
+                               daemon=True)
     printer.start()
     interruption = Interruption()
 
     def train(name: str) -> dict:
-        return _collect(cfg, name, layout, say, interruption,
-                        lambda: _train_category(cfg, name, layout, progress, flag, fault))
+        return _collect(cfg, name, layout, say, interruption, lambda: _train_category(
+            cfg, name, layout, progress, flag, fault, started[name], say))
 
     try:
         with interruption.handlers():
@@ -298,30 +303,56 @@ def _check_data(
     return cfg, names, broken
 
 
-def _train_category(
-    cfg: MemKDConfig, category: str, layout: RunLayout, progress: Queue, flag: Any,
-    fault: dict[str, Any] | None,
-) -> dict:
+def worker_group_configs(cfg: MemKDConfig) -> tuple[ScalingConfig, FailureConfig]:
+    """A category's worker group as Ray Train wants it (`train` and every `tune` trial)."""
     d = cfg.distributed
     resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker} if d.gpus_per_worker
                                                else {})}
+    if d.placement_timeout_s:
+        # Ray Train reads its worker-group start timeout from the environment of the process
+        # calling fit(); with no controller retries, running out of it fails the category.
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{d.placement_timeout_s:g}"
+    return (
+        ScalingConfig(num_workers=d.workers_per_category, use_gpu=d.gpus_per_worker > 0,
+                      resources_per_worker=resources),
+        FailureConfig(max_failures=d.max_failures,
+                      controller_failure_limit=0 if d.placement_timeout_s else -1),
+    )
+
+
+def _train_category(
+    cfg: MemKDConfig, category: str, layout: RunLayout, progress: Queue, flag: Any,
+    fault: dict[str, Any] | None, started: threading.Event, say: Callable[[str], None],
+) -> dict:
+    d = cfg.distributed
+    scaling, failure = worker_group_configs(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "category": category, "progress": progress,
                            "stop_flag": flag, "fault": fault},
-        scaling_config=ScalingConfig(num_workers=d.workers_per_category,
-                                     use_gpu=d.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
+        scaling_config=scaling,
         run_config=RunConfig(
             name=category,
             storage_path=layout.benchmark_dir(cfg.data.benchmark),
             storage_filesystem=layout.storage.filesystem,
-            failure_config=FailureConfig(max_failures=d.max_failures),
+            failure_config=failure,
             checkpoint_config=CheckpointConfig(num_to_keep=d.checkpoints_to_keep),
         ),
     )
-    started = time.perf_counter()
-    result = trainer.fit()
+    began = time.perf_counter()
+    notice = threading.Timer(WAIT_NOTICE_S, lambda: started.is_set() or say(
+        f"{category}: waiting for resources: {_needs(cfg)}"))
+    notice.daemon = True
+    notice.start()
+    try:
+        result = trainer.fit()
+    except ray.train.ControllerError:
+        if started.is_set():
+            raise
+        raise PlacementError(f"no room in the cluster after {d.placement_timeout_s:g} s "
+                             f"(distributed.placement_timeout_s): {_needs(cfg)}") from None
+    finally:
+        notice.cancel()
     if result.error is not None:
         raise result.error
     metrics = result.metrics or {}
@@ -332,10 +363,20 @@ def _train_category(
         **{key: float(metrics.get(key, math.nan)) for key in METRIC_KEYS},
         "epochs": int(metrics.get("epoch", 0)),
         "workers": int(metrics.get("workers", 0)),
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": time.perf_counter() - began,
         "checkpoint_uri": (layout.storage.uri_for(result.checkpoint.path)
                            if result.checkpoint else ""),
     }
+
+
+def _needs(cfg: MemKDConfig) -> str:
+    """What a category's worker group asks for and what the cluster has, for the console."""
+    d = cfg.distributed
+    total, free = ray.cluster_resources(), ray.available_resources()
+    gpus = f" x {d.gpus_per_worker:g} GPU" if d.gpus_per_worker else ""
+    return (f"needs {d.workers_per_category} workers x {d.cpus_per_worker:g} CPU{gpus}; the "
+            f"cluster has {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU "
+            f"({free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU free)")
 
 
 def _collect(cfg: MemKDConfig, category: str, layout: RunLayout, say: Callable[[str], None],
@@ -382,14 +423,17 @@ def one_line_reason(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:500]
 
 
-def _print_progress(queue: Queue, stop: threading.Event, say: Callable[[str], None]) -> None:
+def _print_progress(queue: Queue, stop: threading.Event, say: Callable[[str], None],
+                    started: dict[str, threading.Event]) -> None:
     while not (stop.is_set() and queue.empty()):
         try:
             message = queue.get(timeout=0.5)
         except Empty:
             continue
         category = message["category"]
-        if message["event"] == "resumed":
+        if message["event"] == "started":
+            started[category].set()
+        elif message["event"] == "resumed":
             say(f"{category}: resumed from the checkpoint of epoch {message['epoch']}")
         else:
             say(format_epoch(category, message))

@@ -114,6 +114,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> str | None:
     progress = loop_config.get("progress")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    _emit(progress, rank, {"category": category, "event": "started"})  # placed: not waiting
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = ray.train.torch.get_device()

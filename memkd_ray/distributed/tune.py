@@ -37,7 +37,11 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from memkd_ray.checkpoint import load_model
 from memkd_ray.config import MemKDConfig, from_dict, validate
 from memkd_ray.data import read_configured_category
-from memkd_ray.distributed.launcher import concurrent_categories, connect
+from memkd_ray.distributed.launcher import (
+    concurrent_categories,
+    connect,
+    worker_group_configs,
+)
 from memkd_ray.distributed.train_loop import train_loop_per_worker
 from memkd_ray.engine import epoch_bound, evaluate
 from memkd_ray.errors import ConfigError, UserInputError
@@ -120,23 +124,20 @@ def run_trial(trial: dict[str, Any], spec: dict[str, Any], category: str,
               storage_path: str, filesystem: Any) -> None:
     """One trial: the category's Ray Train run with this trial's parameters."""
     cfg = apply_params(from_dict(spec["config"]), trial["memkd"])
-    d = cfg.distributed
-    resources = {"CPU": d.cpus_per_worker, **({"GPU": d.gpus_per_worker}
-                                               if d.gpus_per_worker else {})}
+    scaling, failure = worker_group_configs(cfg)
     TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "category": category,
                            "selection": spec["select_on"]},
-        scaling_config=ray.train.ScalingConfig(num_workers=d.workers_per_category,
-                                               use_gpu=d.gpus_per_worker > 0,
-                                               resources_per_worker=resources),
+        scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=tune.get_context().get_trial_id(),
             storage_path=storage_path,
             storage_filesystem=filesystem,
             callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.checkpoints_to_keep),
+            failure_config=failure,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.distributed.checkpoints_to_keep),
         ),
     ).fit()
 

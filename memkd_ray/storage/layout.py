@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memkd_ray.storage.uri import Storage, StorageError, plain_name
+from memkd_ray.storage.uri import NAME, Storage, StorageError, plain_name
 
 RESULTS_FILE = "results.parquet"
 
@@ -62,6 +62,7 @@ def read_results(layout: RunLayout) -> list[dict]:
 
 def list_runs(storage: Storage) -> list[tuple[str, list[dict]]]:
     """(run id, results rows) of every run that has a results.parquet, oldest first."""
-    layouts = [RunLayout(storage, run_id) for run_id in storage.children(storage.path("runs"))]
+    layouts = [RunLayout(storage, run_id) for run_id in storage.children(storage.path("runs"))
+               if NAME.fullmatch(run_id)]  # not a stray file beside the runs
     return [(layout.run_id, read_results(layout)) for layout in layouts
             if storage.exists(layout.results_path)]

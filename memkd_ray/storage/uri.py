@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,13 +32,16 @@ class StorageError(UserInputError):
     """Storage that cannot be reached or used (wrong endpoint, bucket, credentials)."""
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""What a run id, benchmark or category may be: one portable path component that cannot step
+out of its parent ("..") or hide (".x"), the same on S3, Linux, macOS and Windows."""
+
+
 def plain_name(kind: str, value: str) -> str:
-    """`value` if it can be one component of a storage path (a run id, benchmark or category
-    name): nothing that would step out of its parent or into a child ("..", "/", "\\")."""
-    if (not value or value in (".", "..") or value != value.strip()
-            or any(c in value for c in "/\\\0")):
-        raise UserInputError(f"{kind} {value!r}: must be a single path component "
-                             "(not '.' or '..', no '/' or '\\')")
+    """`value` if it can be one component of a storage path, else a UserInputError."""
+    if not NAME.fullmatch(value):
+        raise UserInputError(f"{kind} {value!r}: must be a plain name (letters, digits, '.', "
+                             "'_', '-'; starting with a letter or digit)")
     return value
 
 
