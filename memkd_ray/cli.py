@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = data_commands.add_parser("check", help="count and check a benchmark tree")
     check.add_argument("--config", required=True, type=Path)
     check.add_argument("--data-root", required=True)
+    check.add_argument("--category", nargs="+", default=["all"], help="names, or all")
+    check.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="config override, as for train")
 
     train = commands.add_parser("train", help="train and evaluate categories of a benchmark")
     train.add_argument("--config", type=Path, help="required unless --resume")
@@ -177,14 +181,16 @@ def _data_check(args: argparse.Namespace) -> None:
     from memkd_ray.config import load_config
     from memkd_ray.data import check_benchmark, reader_options
 
-    cfg = load_config(args.config, [f"data.root={args.data_root}"])
-    print(check_benchmark(cfg.data.benchmark, args.data_root, cfg.data.categories or None,
+    cfg = load_config(args.config, [*args.overrides, f"data.root={args.data_root}"])
+    names = cfg.data.categories if args.category == ["all"] else args.category
+    print(check_benchmark(cfg.data.benchmark, args.data_root, names or None,
                           **reader_options(cfg.data)))
 
 
 def _data_synth(args: argparse.Namespace) -> None:
     from memkd_ray.data.synthetic import generate_benchmark
 
+    writable_dir("--out", args.out)
     if args.out.exists() and any(args.out.iterdir()):
         raise UserInputError(f"--out {args.out}: directory exists and is not empty")
     names = generate_benchmark(args.out, args.categories, args.seed, args.size,
@@ -199,6 +205,7 @@ def _data_photos(args: argparse.Namespace) -> None:
         parse_source,
     )
 
+    writable_dir("--out", args.out)
     sources = tuple(parse_source(text) for text in args.sources) or DEVELOPMENT_SOURCES
     names = generate_photo_benchmark(args.out, sources, args.seed, args.size,
                                      progress=None if args.quiet else log.info)
@@ -251,6 +258,8 @@ def _report(args: argparse.Namespace) -> None:
     from memkd_ray.report import write_report
     from memkd_ray.storage.uri import open_storage
 
+    if args.out is not None:
+        writable_dir("--out", args.out)
     print(f"report: {write_report(open_storage(args.storage), args.run_id, args.out)}")
 
 
@@ -339,6 +348,8 @@ def _eval(args: argparse.Namespace) -> None:
     from memkd_ray.inference import save_maps
     from memkd_ray.storage.registry import fetch_checkpoint
 
+    if args.save_maps:
+        writable_dir("--save-maps", args.save_maps)
     device = resolve_device("auto")
     model, checkpoint = load_model(fetch_checkpoint(args.checkpoint, args.storage), device)
     cfg = checkpoint.config
@@ -356,6 +367,7 @@ def _predict(args: argparse.Namespace) -> None:
     from memkd_ray.inference import predict_images
     from memkd_ray.storage.registry import fetch_checkpoint
 
+    writable_dir("--out", args.out)
     device = resolve_device("auto")
     model, checkpoint = load_model(fetch_checkpoint(args.checkpoint, args.storage), device)
     cfg = checkpoint.config
@@ -381,6 +393,7 @@ def _models(args: argparse.Namespace) -> None:
         meta = json.loads(registry.read(f"{base}/checkpoint.json"))
         print(json.dumps({**card, "config": meta["config"]}, indent=2, sort_keys=True))
     elif command == "pull":
+        writable_dir("--to", args.to)
         benchmark, category = parse_reference(args.reference)
         if args.run:
             uri = registry.checkpoint_of_run(args.run, benchmark, category)
@@ -400,6 +413,21 @@ def _models(args: argparse.Namespace) -> None:
             if row["status"] == "ok":
                 _print_promotion(registry.promote(row["checkpoint_uri"], args.metric,
                                                   force=args.force))
+
+
+def writable_dir(flag: str, path: Path) -> Path:
+    """`path` if it is, or can be made, a directory we can write: checked before any work, and
+    without creating it, so a refused command leaves nothing behind."""
+    if path.exists() and not path.is_dir():
+        raise UserInputError(f"{flag} {path}: exists and is not a directory")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserInputError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"{flag} {path}: {existing} is not writable")
+    return path
 
 
 def _print_promotion(promotion) -> None:

@@ -353,7 +353,8 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping")
+        section = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{section}: must be a mapping of keys, got {raw!r:.40}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from memkd_ray.config import MemKDConfig
 from memkd_ray.data.datasets import DecodedImages, to_float
-from memkd_ray.data.sample import Sample
+from memkd_ray.data.sample import Sample, validate_samples
 from memkd_ray.engine import Evaluation, image_loader, predict_maps, resolve_precision
 from memkd_ray.model import MemKD
 
@@ -57,9 +57,9 @@ def predict_images(
     `train.loader_workers` processes and predicted in batches of `eval.batch_size` under
     `eval.precision`, with the map settings of `cfg` (the checkpoint's).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    samples = [Sample(Path(p), 0, "unknown") for p in paths]
+    # An image given twice is scored once; every file is checked before the model runs.
+    samples = [Sample(Path(p), 0, "unknown") for p in dict.fromkeys(map(str, paths))]
+    validate_samples(samples, decode=True)
     loader = image_loader(DecodedImages(samples, cfg.data.image_size), cfg.eval.batch_size,
                           cfg.train.loader_workers, device)
     dtype = resolve_precision(cfg.eval.precision, device)
@@ -76,6 +76,8 @@ def predict_images(
     all_scores = torch.cat(scores).cpu().tolist()
     all_images = torch.cat(images).permute(0, 2, 3, 1).numpy()
     low, high = float(all_maps.min()), float(all_maps.max())
+    out = Path(out)  # created only now: a failed prediction leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
     for index, (sample, image, amap) in enumerate(zip(samples, all_images, all_maps,
                                                       strict=True)):
         heat = heat_colours((amap - low) / max(high - low, 1e-12))

@@ -2,7 +2,11 @@
 
 import csv
 import json
+import pickle
 import re
+import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +97,9 @@ def test_predict_writes_overlays_and_scores(trained_run, synth_root, tmp_path, c
     images = [synth_root / "stripes" / "test" / "good" / "000.png",
               synth_root / "stripes" / "test" / "hole" / "000.png"]
     out = tmp_path / "pred"
+    # An image given twice is scored and drawn once.
     assert main(["-q", "predict", "--checkpoint", str(checkpoint), *map(str, images),
-                 "--out", str(out)]) == 0
+                 str(images[0]), "--out", str(out)]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert scores == json.loads((out / "scores.json").read_text())
     assert list(scores) == [str(p) for p in images]
@@ -102,26 +107,94 @@ def test_predict_writes_overlays_and_scores(trained_run, synth_root, tmp_path, c
     assert Image.open(out / "0001_000.png").size == (128, 128)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (no pixel data): what a bomb looks like."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+DEMO = str(CONFIGS / "demo.yaml")
+CKPT = "{run}/synthetic/mesh/checkpoint_epoch_0006"
+
+
+# One row per way a user gets a command wrong: each must exit 2 with one line naming the
+# problem, before anything is written (grows with every new command and option).
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["train", "--config", "missing.yaml", "--data-root", "."], "config file not found"),
-        (["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root", ".", "--set",
-          "train.epochz=1"], "unknown config key train.epochz"),
-        (["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root", "/nonexistent"],
+        (["train", "--config", DEMO, "--data-root", ".", "--set", "train.epochz=1"],
+         "unknown config key train.epochz"),
+        (["train", "--config", "{tmp}/section.yaml", "--data-root", "."],
+         "train: must be a mapping of keys, got 5"),
+        (["train", "--config", DEMO, "--data-root", "/nonexistent"],
          "/nonexistent: data root not found"),
-        (["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root", ".", "--storage",
-          "gs://bucket/x"], "unsupported scheme gs://"),
+        (["train", "--config", DEMO, "--data-root", ".", "--storage", "gs://bucket/x"],
+         "unsupported scheme gs://"),
+        (["train", "--config", DEMO, "--data-root", ".", "--storage", "{tmp}/file"],
+         "--storage {tmp}/file: not a directory"),
+        (["runs", "list", "--storage", "{tmp}/file"], "--storage {tmp}/file: not a directory"),
+        (["train", "--config", DEMO, "--data-root", ".", "--set", "teacher.name=resnet_nope"],
+         "teacher.name resnet_nope: not a model timm knows"),
+        (["train", "--config", DEMO, "--data-root", "{synth}", "--set",
+          "teacher.weights={tmp}/pickled.pth"], "{tmp}/pickled.pth is not a plain tensor file"),
         (["eval", "--checkpoint", "/nonexistent", "--data-root", ".", "--category", "x"],
          "checkpoint.json: not found"),
+        (["eval", "--checkpoint", CKPT, "--data-root", "{synth}", "--category", "mesh",
+          "--save-maps", "{tmp}/file"], "--save-maps {tmp}/file: exists and is not a directory"),
+        (["predict", "--checkpoint", CKPT, "{tmp}/bomb.png", "--out", "{tmp}/pred"],
+         "{tmp}/bomb.png: larger than the largest accepted image (64 Mpx"),
+        (["predict", "--checkpoint", CKPT, "{tmp}/big.png", "--out", "{tmp}/pred"],
+         "{tmp}/big.png: 13000x13000 pixels: larger than the largest accepted image"),
+        (["predict", "--checkpoint", CKPT, "{tmp}/truncated.png", "--out", "{tmp}/pred"],
+         "{tmp}/truncated.png: unreadable image"),
+        (["predict", "--checkpoint", CKPT, "{tmp}/truncated.png", "--out", "{tmp}/file/x"],
+         "--out {tmp}/file/x: {tmp}/file is not a directory"),
+        (["models", "pull", "synthetic/mesh", "--to", "{tmp}/file"],
+         "--to {tmp}/file: exists and is not a directory"),
+        (["report", "some-run", "--out", "{tmp}/file"],
+         "--out {tmp}/file: exists and is not a directory"),
+        (["data", "synth", "--out", "{tmp}/synth", "--size", "0"], "--size 0: must be at least 32"),
+        (["data", "synth", "--out", "{tmp}/synth", "--size", "-5"],
+         "--size -5: must be at least 32"),
+        (["data", "synth", "--out", "{tmp}/file"], "--out {tmp}/file: exists and is not a"),
+        (["data", "check", "--config", DEMO, "--data-root", "{tmp}/broken"],
+         "{tmp}/broken/mesh/train/good/000.png: unreadable image"),
     ],
 )
-def test_bad_input_exits_2_with_a_one_line_reason(argv, message, tmp_path, monkeypatch, capsys):
+def test_bad_input_exits_2_with_a_one_line_reason(argv, message, trained_run, synth_root,
+                                                  tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("not a directory\n")
+    (tmp_path / "section.yaml").write_text("train: 5\n")
+    (tmp_path / "bomb.png").write_bytes(png_header(20000, 20000))
+    (tmp_path / "big.png").write_bytes(png_header(13000, 13000))
+    whole = (synth_root / "mesh" / "train" / "good" / "000.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "pickled.pth").write_bytes(pickle.dumps({"weights": Path("x")}))
+    broken = tmp_path / "broken" / "mesh"
+    shutil.copytree(synth_root / "mesh", broken)
+    (broken / "train" / "good" / "000.png").write_bytes(whole[: len(whole) // 2])
+    before = sorted(tmp_path.rglob("*"))
     monkeypatch.chdir(tmp_path)
-    assert main(["-q", *argv]) == 2
+    values = {"tmp": str(tmp_path), "synth": str(synth_root), "run": str(trained_run[0])}
+    assert main(["-q", *(a.format(**values) for a in argv)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
-    assert not (tmp_path / "memkd-store").exists()
+    assert len(err) == 1 and message.format(**values) in err[0], err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, not even a directory
+
+
+def test_data_check_takes_categories_and_overrides_like_train(synth_root, capsys):
+    assert main(["data", "check", "--config", DEMO, "--data-root", str(synth_root),
+                 "--category", "stripes", "--set", "data.image_size=64"]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^stripes +60 +20 ", table, re.MULTILINE) and "mesh" not in table
+    assert main(["data", "check", "--config", DEMO, "--data-root", str(synth_root),
+                 "--category", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
 
 
 def test_offline_config_trains_any_category_folder_names(synth_root, tmp_path, ray_cluster):

@@ -10,6 +10,7 @@ from PIL import Image
 
 from memkd_ray.cli import main
 from memkd_ray.data import read_category, resolve_categories
+from memkd_ray.data.sample import Sample
 from memkd_ray.data.synthetic import generate_benchmark
 from memkd_ray.errors import DataError, UserInputError
 from tests.conftest import CONFIGS
@@ -200,3 +201,14 @@ def test_photo_generator_refuses_held_back_photos_and_bad_output(tmp_path: Path,
                  f"mine={tmp_path / 'missing.png'}"]) == 2
     assert "photo not found" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path: Path):
+    values = np.array([[0, 257 * 100], [40000, 65535]], dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I;16"
+    rgb = Sample(path, 0, "good").load_image()
+    assert rgb.shape == (2, 2, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    # PIL's own convert("RGB") would make every value above 255 white.
+    assert rgb[..., 0].tolist() == [[0, 100], [round(40000 / 257), 255]]

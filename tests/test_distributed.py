@@ -7,6 +7,7 @@ import io
 import json
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -141,16 +142,27 @@ def test_broken_category_fails_alone(synth_root, tmp_path, capsys):
     ("storage", "endpoint", "message"),
     [
         ("s3://memkd-test/x", "http://127.0.0.1:9", "cannot reach the bucket"),
+        # Accepts connections (the kernel's backlog) and never answers.
+        ("s3://memkd-test/x", "silent", "cannot reach the bucket"),
         ("s3://no-such-bucket/x", None, "bucket no-such-bucket not found"),
     ],
 )
 def test_unusable_s3_storage_is_a_quick_one_line_error(storage, endpoint, message, s3_endpoint,
                                                        synth_root, monkeypatch, capsys):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    if endpoint == "silent":
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
     if endpoint:
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    began = time.monotonic()
     code = main(["train", "--config", str(CONFIGS / "demo.yaml"), "--data-root",
                  str(synth_root), "--storage", storage])
+    elapsed = time.monotonic() - began
+    silent.close()
     err = capsys.readouterr().err.strip().splitlines()
+    assert elapsed < 10, elapsed
     assert code == 2
     assert len(err) == 1 and message in err[0], err
     assert S3_SECRET not in err[0]

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from memkd_ray.checkpoint import save_checkpoint
+from memkd_ray.checkpoint import read_checkpoint, save_checkpoint
 from memkd_ray.cli import main
 from memkd_ray.errors import CheckpointError, UserInputError
 from memkd_ray.metrics import METRIC_KEYS
 from memkd_ray.model import create_memkd
 from memkd_ray.storage.layout import RunLayout, write_results
-from memkd_ray.storage.registry import Registry
+from memkd_ray.storage.registry import Registry, fetch_checkpoint
 from memkd_ray.storage.uri import open_storage, plain_name
 from tests.conftest import S3_SECRET, fast_config
 
@@ -150,6 +151,7 @@ def test_pull_verifies_and_refuses_a_corrupted_object(storage_uri, model_and_con
                  "--storage", storage_uri]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sha256" in err[0] and "tampered or truncated" in err[0]
+    assert err[0].startswith(f"memkd-ray: error: {uri}/model.safetensors: "), err
     assert not bad.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tampered")] == []
 
@@ -208,3 +210,22 @@ def test_names_of_real_benchmarks_and_runs_are_plain(name):
 def test_anything_else_is_refused_as_a_storage_name(name):
     with pytest.raises(UserInputError, match="must be a plain name"):
         plain_name("category", name)
+
+
+def test_concurrent_pulls_of_one_model_share_one_verified_cache_entry(
+        s3_endpoint, model_and_config, tmp_path, monkeypatch):
+    storage_uri = f"s3://memkd-test/{tmp_path.name}"
+    uri = publish_run(storage_uri, "run-c", 0.9, model_and_config, tmp_path)
+    monkeypatch.setenv("MEMKD_RAY_CACHE", str(tmp_path / "cache"))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        paths = list(pool.map(lambda _: fetch_checkpoint(uri, storage_uri), range(4)))
+    assert len(set(paths)) == 1
+    assert read_checkpoint(paths[0]).meta["sha256"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [paths[0].name]
+
+
+def test_the_run_id_is_read_below_the_storage_root_even_one_named_runs(model_and_config,
+                                                                        tmp_path):
+    storage_uri = f"file://{tmp_path / 'runs' / 'team'}"
+    uri = publish_run(storage_uri, "run-r", 0.9, model_and_config, tmp_path)
+    assert Registry(open_storage(storage_uri)).card(uri)["run_id"] == "run-r"

@@ -1,7 +1,8 @@
 """`memkd-ray data check`: read a whole benchmark the way `train` will and tabulate it.
 
-Reading every category with the same readers and header checks as training means a tree that
-passes here does not fail half-way through a long multi-category run, and the counts can be
+Reading every category with the same readers as training, and decoding every image and mask
+as `train` does before it starts, means a tree that passes here does not fail half-way
+through a long multi-category run, and the counts can be
 compared with the dataset's published statistics before any GPU time is spent.
 """
 
@@ -24,7 +25,7 @@ def check_benchmark(
     file or directory raises DataError naming it.
     """
     names = resolve_categories(benchmark, root, ["all"], categories or [])
-    data = [read_category(benchmark, root, name, **options) for name in names]
+    data = [read_category(benchmark, root, name, decode=True, **options) for name in names]
     lines = [f"{benchmark} at {root}: {len(data)} categories", _table([_row(d) for d in data])]
     unmasked = sum(1 for d in data for s in d.test if s.label == 1 and s.mask_path is None)
     if unmasked:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +37,13 @@ class Sample:
 
     def load_image(self, size: int | None = None) -> np.ndarray:
         """RGB uint8 array (H, W, 3); grayscale and palette images become RGB."""
-        image = _open(self.image_path, decode=True).convert("RGB")
+        image = _open(self.image_path, decode=True)
+        if image.mode.startswith("I"):
+            # 16-bit grey (PIL reads such PNGs and TIFFs as I;16 or I): scaled to 8 bits;
+            # PIL's convert() would clip every value above 255 to white.
+            grey = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+            image = Image.fromarray(np.rint(grey).clip(0, 255).astype(np.uint8), "L")
+        image = image.convert("RGB")
         if size is not None:
             image = image.resize((size, size), Image.BILINEAR)
         return np.array(image)
@@ -67,36 +76,75 @@ def binarise_mask(mask: Image.Image) -> np.ndarray:
     return (values != 0).astype(np.uint8)
 
 
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""The largest accepted image (64 Mpx, ~200 MB decoded as RGB). The model sees at most a few
+hundred pixels a side; the largest benchmark images are ~1.5 Mpx (VisA). Anything far larger
+is a mistake or a decompression bomb, and only costs memory."""
+_too_large = (f"larger than the largest accepted image ({MAX_IMAGE_PIXELS // 2**20} Mpx, e.g. "
+              "8192x8192): resize it")
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels."""
     with _open(path) as image:
         return image.size
 
 
-def validate_samples(samples: Iterable[Sample]) -> None:
-    """Open every image and mask header: fail fast, naming the file, before any training."""
-    for sample in samples:
-        size = image_size(sample.image_path)
-        if sample.mask_path is not None:
-            mask_size = image_size(sample.mask_path)
-            if mask_size != size:
-                raise DataError(
-                    f"{sample.mask_path}: mask is {mask_size[0]}x{mask_size[1]} but its image "
-                    f"{sample.image_path} is {size[0]}x{size[1]}"
-                )
+def validate_samples(samples: Iterable[Sample], decode: bool = False) -> None:
+    """Open every image and mask: fail fast, naming the file, before any training.
+
+    Headers only by default (sizes, formats); `decode` also decodes every pixel, which finds
+    truncated files, with a few threads (decoders release the GIL)."""
+    samples = list(samples)
+    if not decode:
+        for sample in samples:
+            _check_sample(sample, decode=False)
+        return
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(lambda sample: _check_sample(sample, decode=True), samples):
+            pass
+
+
+def _check_sample(sample: Sample, decode: bool) -> None:
+    with _open(sample.image_path, decode) as image:
+        size = image.size
+    if sample.mask_path is not None:
+        with _open(sample.mask_path, decode) as mask:
+            mask_size = mask.size
+        if mask_size != size:
+            raise DataError(
+                f"{sample.mask_path}: mask is {mask_size[0]}x{mask_size[1]} but its image "
+                f"{sample.image_path} is {size[0]}x{size[1]}"
+            )
 
 
 def _open(path: Path, decode: bool = False) -> Image.Image:
-    """Open an image (header only unless `decode`); any failure is a DataError naming it."""
+    """Open an image (header only unless `decode`); any failure is a DataError naming it.
+
+    Images above MAX_IMAGE_PIXELS are refused from the header, before any decoding: PIL alone
+    would decode anything up to twice its own bomb limit (178 Mpx) with just a warning."""
     try:
-        image = Image.open(path)
-        if decode:
-            image.load()
-        return image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: {_too_large}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise DataError(f"{path}: {width}x{height} pixels: {_too_large}")
+    if decode:
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+            image.close()
+            raise DataError(f"{path}: unreadable image ({exc.__class__.__name__}: "
+                            f"{str(exc).splitlines()[0][:120]})") from None
+    return image
 
 
 def list_images(directory: Path) -> list[Path]:

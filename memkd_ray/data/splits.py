@@ -87,9 +87,11 @@ def reader_options(data: DataConfig) -> dict[str, Any]:
 
 
 def read_category(
-    benchmark: str, root: str | Path, category: str, with_test: bool = True, **options: Any
+    benchmark: str, root: str | Path, category: str, with_test: bool = True,
+    decode: bool = False, **options: Any
 ) -> CategoryData:
-    """Read a category's splits and check every image and mask header (sizes, readability).
+    """Read a category's splits and check every image and mask header (sizes, readability);
+    with `decode`, every pixel too (the driver's check before a run and `data check`).
 
     `options` are the benchmark's reader options (see `reader_options`); omitted ones take the
     config defaults.
@@ -97,12 +99,12 @@ def read_category(
     data = get_benchmark(benchmark).read_category(
         Path(root), category, benchmark, with_test=with_test, **options
     )
-    validate_samples([*data.train, *data.test])
+    validate_samples([*data.train, *data.test], decode)
     return data
 
 
 def read_configured_category(
-    data: DataConfig, category: str, with_test: bool = True
+    data: DataConfig, category: str, with_test: bool = True, decode: bool = False
 ) -> CategoryData:
     """Read `category` from `data.root` with the benchmark and reader options of the config.
 
@@ -111,7 +113,8 @@ def read_configured_category(
     """
     if not data.root:
         raise DataError("data.root is not set (pass --data-root)")
-    return read_category(data.benchmark, data.root, category, with_test, **reader_options(data))
+    return read_category(data.benchmark, data.root, category, with_test, decode,
+                         **reader_options(data))
 
 
 def resolve_categories(

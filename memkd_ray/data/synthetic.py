@@ -169,6 +169,8 @@ def generate_benchmark(
     """
     if not 1 <= categories <= len(CATEGORIES):
         raise UserInputError(f"--categories must be between 1 and {len(CATEGORIES)}")
+    if size < 32:  # the defects are drawn tens of pixels wide
+        raise UserInputError(f"--size {size}: must be at least 32")
     out = Path(out)
     names = []
     for spec in CATEGORIES[:categories]:

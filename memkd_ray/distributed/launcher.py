@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -40,6 +41,7 @@ from memkd_ray.distributed.train_loop import STOPPED, train_loop_per_worker
 from memkd_ray.engine import format_epoch
 from memkd_ray.errors import DataError, UserInputError
 from memkd_ray.metrics import METRIC_KEYS
+from memkd_ray.model.teacher import check_teacher
 from memkd_ray.storage.layout import RunLayout, read_results, write_results
 from memkd_ray.storage.uri import Storage, open_storage, plain_name
 
@@ -128,7 +130,13 @@ def connect(address: str | None = None) -> None:
     """
     if ray.is_initialized():
         return
-    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        with warnings.catch_warnings():  # our one line below says it, without Ray's advice
+            warnings.filterwarnings("ignore", "Ray Client connection timed out")
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, TimeoutError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UserInputError(f"--address {address}: cannot join the cluster ({reason})") from None
 
 
 def concurrent_categories(cfg: MemKDConfig, joined: bool = False) -> int:
@@ -171,6 +179,7 @@ def train_benchmark(
     replaces the saved one). `fault` is a test hook passed to the workers.
     """
     storage = open_storage(storage_uri)
+    storage.check_writable()
     finished: dict[str, dict] = {}
     if resume_run:
         layout, cfg, categories, finished = _saved_run(storage, resume_run, data_root)
@@ -279,6 +288,7 @@ def _check_data(
     any worker starts; if all are broken the run stops here."""
     if not cfg.data.root:
         raise UserInputError("data.root is not set (pass --data-root)")
+    check_teacher(cfg.teacher.name, cfg.teacher.weights)  # here, not in every worker
     # Category names become storage paths (runs/<id>/<benchmark>/<category>, registry/...).
     for name in [*categories, *cfg.data.categories]:
         plain_name("category", name)
@@ -295,7 +305,7 @@ def _check_data(
     broken = {}
     for name in names:
         try:
-            read_configured_category(cfg.data, name)
+            read_configured_category(cfg.data, name, decode=True)
         except DataError as exc:
             broken[name] = str(exc)
     if len(broken) == len(names):

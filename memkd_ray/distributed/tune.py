@@ -47,6 +47,7 @@ from memkd_ray.engine import epoch_bound, evaluate
 from memkd_ray.errors import ConfigError, UserInputError
 from memkd_ray.eval_record import RECORD_DIR, encode_eval_record
 from memkd_ray.metrics import METRIC_KEYS
+from memkd_ray.model.teacher import check_teacher
 from memkd_ray.storage.layout import RunLayout
 from memkd_ray.storage.registry import fetch_checkpoint
 from memkd_ray.storage.uri import Storage, open_storage, plain_name
@@ -184,6 +185,7 @@ def tune_benchmark(
     say = on_message or print
     _progress_sink[0] = say
     storage = open_storage(storage_uri)
+    storage.check_writable()
     if resume_run:
         layout = RunLayout(storage, resume_run)
         spec = json.loads(storage.read_bytes(f"{layout.run_dir}/{SPEC_FILE}"))
@@ -196,6 +198,7 @@ def tune_benchmark(
             raise UserInputError("a new search needs a config and a search space")
         if not cfg.data.root:
             raise UserInputError("data.root is not set (pass --data-root)")
+        check_teacher(cfg.teacher.name, cfg.teacher.weights)
         names = categories
         if categories == ["all"]:
             names = cfg.data.categories or _discover(cfg)

@@ -7,12 +7,15 @@ memory's normality embedding learning (Eq. 10).
 from __future__ import annotations
 
 import importlib
+import pickle
 from pathlib import Path
 
 import timm
 import torch
 from safetensors.torch import load_file
 from torch import nn
+
+from memkd_ray.errors import UserInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,8 +32,40 @@ FEATURE_STRIDES = (4, 8, 16, 32)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
-class TeacherWeightsError(ValueError):
-    """Weights that cannot be found or do not fit the backbone."""
+class TeacherWeightsError(UserInputError):
+    """A backbone or weights that cannot be found or do not fit."""
+
+
+def feature_stage_indices(name: str) -> tuple[int, ...]:
+    """Indices of `name`'s feature stages at FEATURE_STRIDES, from timm's layout alone (meta
+    device, no weights): cheap enough for the driver to check a config before any worker."""
+    if not timm.is_model(name):
+        raise TeacherWeightsError(f"teacher.name {name}: not a model timm knows "
+                                  "(timm.list_models() lists them)")
+    with torch.device("meta"):
+        probe = timm.create_model(name, pretrained=False, features_only=True)
+    reductions = probe.feature_info.reduction()
+    try:
+        return tuple(reductions.index(s) for s in FEATURE_STRIDES)
+    except ValueError:
+        raise TeacherWeightsError(
+            f"teacher {name}: needs feature stages at strides {FEATURE_STRIDES}, "
+            f"has {reductions}"
+        ) from None
+
+
+def check_teacher(name: str, weights: str) -> None:
+    """What a driver can check before any worker starts: the backbone's stage layout, and the
+    weights when this machine sees them (not `hub`: no download here), loaded as training would
+    load them. Weights only the workers' nodes hold are left to them."""
+    feature_stage_indices(name)
+    if weights in ("hub", "none"):
+        return
+    try:
+        resolve_weights_file(weights)
+    except TeacherWeightsError:
+        return
+    Teacher(name, weights)
 
 
 class Teacher(nn.Module):
@@ -46,16 +81,7 @@ class Teacher(nn.Module):
         super().__init__()
         self.name = name
         self.weights = weights
-        with torch.device("meta"):  # only the stage layout is needed, not the weights
-            probe = timm.create_model(name, pretrained=False, features_only=True)
-        reductions = probe.feature_info.reduction()
-        try:
-            out_indices = tuple(reductions.index(s) for s in FEATURE_STRIDES)
-        except ValueError:
-            raise TeacherWeightsError(
-                f"teacher {name}: needs feature stages at strides {FEATURE_STRIDES}, "
-                f"has {reductions}"
-            ) from None
+        out_indices = feature_stage_indices(name)
         self.backbone = timm.create_model(
             name, pretrained=weights == "hub", features_only=True, out_indices=out_indices
         )
@@ -116,7 +142,13 @@ def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Read tensors without unpickling arbitrary objects."""
     if path.suffix == ".safetensors":
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise TeacherWeightsError(
+            f"teacher.weights: {path} is not a plain tensor file ({type(exc).__name__}: it "
+            "would need pickle, which is never run); save its state dict with safetensors"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):

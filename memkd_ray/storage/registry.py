@@ -108,7 +108,10 @@ class Registry:
                                   "checkpoint.json (partial upload or tampered)")
         config = meta["config"]
         parts = base.split("/")
-        run_id = parts[parts.index("runs") + 1] if "runs" in parts[:-1] else ""
+        # The run id is the component after this storage's own runs/ (the root itself may
+        # hold a "runs" folder name); a checkpoint outside runs/ has none.
+        runs = self.storage.path("runs") + "/"
+        run_id = base.removeprefix(runs).split("/", 1)[0] if base.startswith(runs) else ""
         return {
             "benchmark": config["data"]["benchmark"],
             # Ray Train lays checkpoints out as .../<benchmark>/<category>/checkpoint_epoch_N.
@@ -215,7 +218,10 @@ class Registry:
         try:
             for name in INFERENCE_FILES:
                 (staging / name).write_bytes(self.read(f"{base}/{name}"))
-            read_checkpoint(staging)
+            try:
+                read_checkpoint(staging)
+            except CheckpointError as exc:  # name the stored object, not our staging copy
+                raise CheckpointError(str(exc).replace(str(staging), checkpoint_uri)) from None
             if destination.exists():
                 destination.rmdir()
             staging.rename(destination)
@@ -306,6 +312,14 @@ def fetch_checkpoint(reference: str, storage_uri: str) -> Path:
     # Keyed by the whole checkpoint.json, which holds the weights' sha256: equal weights
     # trained under another config (or data root) are another entry.
     cached = cache_root() / hashlib.sha256(meta_bytes).hexdigest()
-    if not cached.exists():
-        registry.pull(uri, cached)
+    if not (cached / META_FILE).exists():
+        try:
+            registry.pull(uri, cached)
+        except (OSError, UserInputError):
+            if not (cached / META_FILE).exists():  # not a concurrent pull that won the race
+                raise
+    # The pull read checkpoint.json again: the checkpoint may have been replaced meanwhile.
+    if (cached / META_FILE).read_bytes() != meta_bytes:
+        shutil.rmtree(cached, ignore_errors=True)
+        raise CheckpointError(f"{uri}: changed while it was downloaded; run the command again")
     return cached

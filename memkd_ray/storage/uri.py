@@ -26,6 +26,7 @@ from memkd_ray.errors import UserInputError
 S3_CONNECT_TIMEOUT_S = 5.0
 S3_REQUEST_TIMEOUT_S = 60.0
 S3_ATTEMPTS = 3
+S3_PROBE_TIMEOUT_S = 5.0
 
 
 class StorageError(UserInputError):
@@ -63,6 +64,17 @@ class Storage:
     def path(self, *parts: str) -> str:
         """The path of `root/part/...`; every part a plain name, so none leads outside."""
         return "/".join([self.root.rstrip("/"), *(plain_name("name", p) for p in parts)])
+
+    def check_writable(self) -> None:
+        """For commands that write (train, tune): a local root, or its nearest existing parent,
+        must be a writable directory. (S3 permissions show on the first write.)"""
+        if self.scheme != "file":
+            return
+        existing = Path(self.root)
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(f"--storage {self.uri}: {existing} is not a writable directory")
 
     def uri_for(self, path: str) -> str:
         """URI of a filesystem path under this storage."""
@@ -141,12 +153,15 @@ def open_storage(uri: str) -> Storage:
         scheme = uri.split("://", 1)[0]
         raise StorageError(f"--storage {uri}: unsupported scheme {scheme}:// (file:// or s3://)")
     root = Path(uri.removeprefix("file://")).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise StorageError(f"--storage {uri}: not a directory")
     return Storage(root.as_uri(), pafs.LocalFileSystem(), str(root))
 
 
 def _open_s3(uri: str) -> Storage:
     import boto3
     import botocore.config
+    import botocore.exceptions
 
     root = uri.removeprefix("s3://").strip("/")
     bucket = root.split("/", 1)[0]
@@ -155,6 +170,24 @@ def _open_s3(uri: str) -> Storage:
     session = boto3.Session()
     region = session.region_name or "us-east-1"
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    # One quick try first: an endpoint that accepts connections and never answers must not
+    # cost the long timeouts and retries that real transfers get.
+    probe = session.client(
+        "s3", region_name=region, endpoint_url=endpoint,
+        config=botocore.config.Config(connect_timeout=S3_CONNECT_TIMEOUT_S,
+                                      read_timeout=S3_PROBE_TIMEOUT_S,
+                                      retries={"total_max_attempts": 1, "mode": "standard"}),
+    )
+    try:
+        probe.head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket"):
+            raise StorageError(f"--storage {uri}: bucket {bucket} not found") from None
+        raise StorageError(f"--storage {uri}: the bucket refused access ({code})") from None
+    except (botocore.exceptions.BotoCoreError, OSError) as exc:
+        reason = str(exc).splitlines()[0][:300]
+        raise StorageError(f"--storage {uri}: cannot reach the bucket ({reason})") from None
     client = session.client(
         "s3", region_name=region, endpoint_url=endpoint,
         config=botocore.config.Config(
@@ -171,11 +204,4 @@ def _open_s3(uri: str) -> Storage:
         request_timeout=S3_REQUEST_TIMEOUT_S,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
     )
-    try:
-        info = filesystem.get_file_info(bucket)
-    except OSError as exc:
-        reason = str(exc).splitlines()[0][:300]
-        raise StorageError(f"--storage {uri}: cannot reach the bucket ({reason})") from None
-    if info.type == pafs.FileType.NotFound:
-        raise StorageError(f"--storage {uri}: bucket {bucket} not found")
     return Storage(f"s3://{root}", filesystem, root, client)
