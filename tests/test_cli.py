@@ -138,6 +138,8 @@ CKPT = "{run}/synthetic/mesh/checkpoint_epoch_0006"
         (["train", "--config", DEMO, "--data-root", ".", "--storage", "{tmp}/file"],
          "--storage {tmp}/file: not a directory"),
         (["runs", "list", "--storage", "{tmp}/file"], "--storage {tmp}/file: not a directory"),
+        (["train", "--config", DEMO, "--data-root", ".", "--workers-per-category", "3"],
+         "distributed.workers_per_category 3 must divide train.batch_size 16"),
         (["train", "--config", DEMO, "--data-root", ".", "--set", "teacher.name=resnet_nope"],
          "teacher.name resnet_nope: not a model timm knows"),
         (["train", "--config", DEMO, "--data-root", "{synth}", "--set",

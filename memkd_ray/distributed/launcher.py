@@ -281,6 +281,15 @@ def _run_categories(
     return dict(rows)
 
 
+def check_worker_split(cfg: MemKDConfig) -> None:
+    """The workers of a category split each global batch evenly: any other split would make
+    the batch (and so BatchNorm's statistics and the steps per epoch) depend on their number."""
+    workers, batch = cfg.distributed.workers_per_category, cfg.train.batch_size
+    if batch % workers:
+        raise UserInputError(f"distributed.workers_per_category {workers} must divide "
+                             f"train.batch_size {batch}")
+
+
 def _check_data(
     cfg: MemKDConfig, categories: list[str]
 ) -> tuple[MemKDConfig, list[str], dict[str, str]]:
@@ -289,6 +298,7 @@ def _check_data(
     if not cfg.data.root:
         raise UserInputError("data.root is not set (pass --data-root)")
     check_teacher(cfg.teacher.name, cfg.teacher.weights)  # here, not in every worker
+    check_worker_split(cfg)
     # Category names become storage paths (runs/<id>/<benchmark>/<category>, registry/...).
     for name in [*categories, *cfg.data.categories]:
         plain_name("category", name)

@@ -38,6 +38,7 @@ from memkd_ray.checkpoint import load_model
 from memkd_ray.config import MemKDConfig, from_dict, validate
 from memkd_ray.data import read_configured_category
 from memkd_ray.distributed.launcher import (
+    check_worker_split,
     concurrent_categories,
     connect,
     worker_group_configs,
@@ -199,6 +200,7 @@ def tune_benchmark(
         if not cfg.data.root:
             raise UserInputError("data.root is not set (pass --data-root)")
         check_teacher(cfg.teacher.name, cfg.teacher.weights)
+        check_worker_split(cfg)
         names = categories
         if categories == ["all"]:
             names = cfg.data.categories or _discover(cfg)
