@@ -66,6 +66,7 @@ def _train(*args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # two trainings in subprocesses: about 2.5 minutes
 def test_ctrl_c_stops_every_category_and_resume_finishes_the_run(synth_root, tmp_path):
     store = tmp_path / "store"
     argv = ["--config", str(CONFIGS / "demo.yaml"), "--data-root", str(synth_root),

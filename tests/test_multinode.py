@@ -43,6 +43,9 @@ from memkd_ray.eval_record import RECORD_FILES
 from memkd_ray.metrics import METRIC_KEYS
 from tests.conftest import FAST_OVERRIDES, REPO, S3_SECRET
 
+# A two-node cluster and two jobs: minutes; CI runs it (CI=true), `make test-all` anywhere.
+pytestmark = pytest.mark.slow
+
 RAY = Path(sys.executable).with_name("ray")
 NODE_START_TIMEOUT_S = 180
 JOB_TIMEOUT_S = 600
