@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from memkd_ray.errors import UserInputError
 from memkd_ray.metrics import METRIC_LABELS, nan_mean, percent
+from memkd_ray.storage.uri import writable_dir
 
 log = logging.getLogger("memkd_ray")
 DEFAULT_STORAGE = "./memkd-store"
@@ -413,21 +413,6 @@ def _models(args: argparse.Namespace) -> None:
             if row["status"] == "ok":
                 _print_promotion(registry.promote(row["checkpoint_uri"], args.metric,
                                                   force=args.force))
-
-
-def writable_dir(flag: str, path: Path) -> Path:
-    """`path` if it is, or can be made, a directory we can write: checked before any work, and
-    without creating it, so a refused command leaves nothing behind."""
-    if path.exists() and not path.is_dir():
-        raise UserInputError(f"{flag} {path}: exists and is not a directory")
-    existing = path.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserInputError(f"{flag} {path}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserInputError(f"{flag} {path}: {existing} is not writable")
-    return path
 
 
 def _print_promotion(promotion) -> None:

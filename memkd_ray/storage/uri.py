@@ -46,6 +46,21 @@ def plain_name(kind: str, value: str) -> str:
     return value
 
 
+def writable_dir(flag: str, path: Path) -> Path:
+    """`path` if it is, or can be made, a directory we can write: checked before any work, and
+    without creating it, so a refused command leaves nothing behind."""
+    if path.exists() and not path.is_dir():
+        raise UserInputError(f"{flag} {path}: exists and is not a directory")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserInputError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"{flag} {path}: {existing} is not writable")
+    return path
+
+
 @dataclass(frozen=True)
 class Storage:
     uri: str
@@ -66,15 +81,10 @@ class Storage:
         return "/".join([self.root.rstrip("/"), *(plain_name("name", p) for p in parts)])
 
     def check_writable(self) -> None:
-        """For commands that write (train, tune): a local root, or its nearest existing parent,
-        must be a writable directory. (S3 permissions show on the first write.)"""
-        if self.scheme != "file":
-            return
-        existing = Path(self.root)
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise StorageError(f"--storage {self.uri}: {existing} is not a writable directory")
+        """For commands that write (train, tune): a local root must be, or be creatable as, a
+        writable directory. (S3 permissions show on the first write.)"""
+        if self.scheme == "file":
+            writable_dir("--storage", Path(self.root))
 
     def uri_for(self, path: str) -> str:
         """URI of a filesystem path under this storage."""
