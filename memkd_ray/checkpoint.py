@@ -7,6 +7,7 @@ unpickles anything.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from memkd_ray.config import MemKDConfig, from_dict, validate
 from memkd_ray.engine import TrainState
 from memkd_ray.errors import CheckpointError, ConfigError
 from memkd_ray.model import MemKD, create_memkd
+from memkd_ray.model.teacher import TeacherWeightsError, resolve_weights_file
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
@@ -49,6 +51,23 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def teacher_weights_sha256(weights: str) -> str:
+    """sha256 of the teacher weights file a config names; empty for `hub` (timm's own
+    source) and `none`. Recorded at save and checked at load, so a checkpoint is rebuilt
+    with exactly the teacher it was trained with, whatever path its config names."""
+    if weights in ("hub", "none"):
+        return ""
+    path = resolve_weights_file(weights)
+    stat = path.stat()
+    return _cached_sha256(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_sha256(path: str, mtime_ns: int, size: int) -> str:
+    """Hashing a large teacher file once per process, not at every checkpoint."""
+    return sha256_file(Path(path))
 
 
 def save_checkpoint(
@@ -82,6 +101,7 @@ def save_checkpoint(
             "teacher": {
                 "name": model.teacher.name,
                 "weights": model.teacher.weights,
+                "weights_sha256": teacher_weights_sha256(model.teacher.weights),
                 "mean": model.teacher.mean.flatten().tolist(),
                 "std": model.teacher.std.flatten().tolist(),
             },
@@ -156,12 +176,31 @@ def load_model(
 ) -> tuple[MemKD, Checkpoint]:
     """Rebuild the model a checkpoint was trained with and load its weights."""
     checkpoint = read_checkpoint(directory)
+    _check_teacher_weights(checkpoint)
     model = create_memkd(checkpoint.config)
     try:
         model.load_trainable_state_dict(checkpoint.state)
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{checkpoint.directory}: {exc}") from None
     return model.to(device).eval(), checkpoint
+
+
+def _check_teacher_weights(checkpoint: Checkpoint) -> None:
+    """The teacher weights the config names must be the file the checkpoint was trained with
+    (checkpoints from before this record carry no hash and are not checked)."""
+    recorded = checkpoint.meta["teacher"].get("weights_sha256")
+    if not recorded:
+        return
+    weights = checkpoint.config.teacher.weights
+    try:
+        actual = teacher_weights_sha256(weights)
+    except TeacherWeightsError as exc:
+        raise CheckpointError(f"{checkpoint.directory}: {exc}") from None
+    if actual != recorded:
+        raise CheckpointError(
+            f"{checkpoint.directory / META_FILE}: teacher.weights {weights} has sha256 "
+            f"{actual[:12] or '(none)'}..., the checkpoint was trained with {recorded[:12]}... "
+            "(another file, or an edited checkpoint.json)")
 
 
 def _save_training_state(state: TrainState, path: Path) -> dict[str, Any]:

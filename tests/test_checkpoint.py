@@ -5,11 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from memkd_ray import __version__
 from memkd_ray.checkpoint import META_FILE, WEIGHTS_FILE, load_model, save_checkpoint, sha256_file
 from memkd_ray.errors import CheckpointError
 from memkd_ray.model import create_memkd
+from memkd_ray.model.teacher import read_weights_file, resolve_weights_file
 from tests.conftest import fast_config
 
 
@@ -52,6 +54,30 @@ def test_tampered_or_truncated_weights_are_refused(saved):
     weights.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(CheckpointError, match="tampered or truncated"):
         load_model(directory)
+
+
+def test_the_teacher_weights_are_pinned_to_the_file_trained_with(saved, tmp_path: Path):
+    directory, _ = saved
+    meta_path = directory / META_FILE
+    meta = json.loads(meta_path.read_text())
+    trained_with = resolve_weights_file(meta["config"]["teacher"]["weights"])
+    assert meta["teacher"]["weights_sha256"] == sha256_file(trained_with)
+    # checkpoint.json edited to build the teacher from another file (here: one tensor off).
+    tensors = read_weights_file(trained_with)
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1
+    other = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, other)
+    meta["config"]["teacher"]["weights"] = str(other)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"teacher\.weights .*other\.safetensors has "
+                                              r"sha256 .*the checkpoint was trained with"):
+        load_model(directory)
+    # Checkpoints written before the hash was recorded still load.
+    meta["config"]["teacher"]["weights"] = meta["teacher"]["weights"]
+    del meta["teacher"]["weights_sha256"]
+    meta_path.write_text(json.dumps(meta))
+    load_model(directory)
 
 
 def test_pickle_payload_is_never_loaded(saved, tmp_path: Path):
