@@ -151,7 +151,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> str | None:
 
     images = load_training_images(train_samples, cfg.data.image_size, cfg.train.loader_workers)
     features = training_features(cfg, model.teacher, images, device)
-    per_worker_batch = cfg.train.batch_size // world  # config.validate: world divides it
+    per_worker_batch = cfg.train.batch_size // world  # launcher.check_worker_split
     fault = loop_config.get("fault") or {}
     record: dict[str, bytes] | None = None
     stop = StopPolling(loop_config.get("stop_flag"), world, device)

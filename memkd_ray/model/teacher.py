@@ -58,14 +58,15 @@ def check_teacher(name: str, weights: str) -> None:
     """What a driver can check before any worker starts: the backbone's stage layout, and the
     weights when this machine sees them (not `hub`: no download here), loaded as training would
     load them. Weights only the workers' nodes hold are left to them."""
+    if weights not in ("hub", "none"):
+        try:
+            resolve_weights_file(weights)
+        except TeacherWeightsError:
+            pass
+        else:
+            Teacher(name, weights)  # checks the stage layout too
+            return
     feature_stage_indices(name)
-    if weights in ("hub", "none"):
-        return
-    try:
-        resolve_weights_file(weights)
-    except TeacherWeightsError:
-        return
-    Teacher(name, weights)
 
 
 class Teacher(nn.Module):
