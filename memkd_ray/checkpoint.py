@@ -8,7 +8,6 @@ unpickles anything.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from memkd_ray.engine import TrainState
 from memkd_ray.errors import CheckpointError, ConfigError
 from memkd_ray.model import MemKD, create_memkd
 from memkd_ray.model.teacher import TeacherWeightsError, resolve_weights_file
+from memkd_ray.storage.uri import sha256_file
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
@@ -43,14 +43,6 @@ _REQUIRED = {
     "package_version": str,
     "sha256": str,
 }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def teacher_weights_sha256(weights: str) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from memkd_ray.errors import UserInputError
+from memkd_ray.errors import UserInputError, VerificationError
 from memkd_ray.metrics import METRIC_LABELS, nan_mean, percent
 from memkd_ray.storage.uri import writable_dir
 
@@ -118,6 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--out", required=True, type=Path)
 
+    export = commands.add_parser(
+        "export", help="export a checkpoint for deployment (ONNX: images to map and score)")
+    export.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    export.add_argument("--storage", default=DEFAULT_STORAGE, help="registry storage")
+    export.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="folder for model.onnx and model.json")
+    export.add_argument("--format", choices=("onnx",), default="onnx")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or later)")
+    export.add_argument("--batch", type=_batch_size, default=None, metavar="dynamic|N",
+                        help="batch dimension of the graph (default: dynamic)")
+    export.add_argument("--check-images", nargs="+", type=Path, default=[], metavar="IMAGE",
+                        help="own images for the ONNX Runtime check, besides the built-in photos")
+    export.add_argument("--threshold", type=float,
+                        help="image score above which a part is anomalous, recorded for the line")
+
     models = commands.add_parser("models", help="the model registry: best model per category")
     model_commands = models.add_subparsers(dest="models_command", required=True)
     listing = model_commands.add_parser("list", help="best model of every category")
@@ -150,12 +165,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.quiet)
     handlers = {"data": _data, "train": _train, "tune": _tune, "eval": _eval, "predict": _predict,
-                "models": _models, "runs": _runs, "report": _report}
+                "export": _export, "models": _models, "runs": _runs, "report": _report}
     try:
         return handlers[args.command](args) or 0
     except UserInputError as exc:
         print(f"memkd-ray: error: {exc}", file=sys.stderr)
         return 2
+    except VerificationError as exc:
+        print(f"memkd-ray: failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("memkd-ray: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -361,7 +379,21 @@ def _eval(args: argparse.Namespace) -> None:
     print(json.dumps(evaluation.metrics, indent=2))
 
 
+def _batch_size(text: str) -> int | None:
+    """`--batch`: `dynamic` (None) or a positive number."""
+    if text == "dynamic":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'dynamic' or a positive number")
+    return int(text)
+
+
 def _predict(args: argparse.Namespace) -> None:
+    from memkd_ray.deploy.runtime import is_onnx_export
+
+    if is_onnx_export(args.checkpoint):
+        _predict_onnx(args)
+        return
     from memkd_ray.checkpoint import load_model
     from memkd_ray.engine import place_model, resolve_device
     from memkd_ray.inference import predict_images
@@ -374,6 +406,27 @@ def _predict(args: argparse.Namespace) -> None:
     model = place_model(model, cfg, device)
     scores = predict_images(model, args.images, cfg, args.out, device)
     print(json.dumps(scores, indent=2))
+
+
+def _predict_onnx(args: argparse.Namespace) -> None:
+    """`predict` with an ONNX export: ONNX Runtime only, torch is never imported."""
+    from memkd_ray.deploy.runtime import predict_with_onnx
+
+    writable_dir("--out", args.out)
+    scores = predict_with_onnx(args.checkpoint, args.images, args.out)
+    print(json.dumps(scores, indent=2))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from memkd_ray.deploy.export import export_onnx
+    from memkd_ray.storage.registry import fetch_checkpoint
+
+    writable_dir("--out", args.out)
+    sidecar = export_onnx(fetch_checkpoint(args.checkpoint, args.storage), args.out,
+                          source=args.checkpoint, opset=args.opset, batch=args.batch,
+                          check_image_paths=args.check_images, threshold=args.threshold)
+    print(json.dumps({"onnx": str((args.out / sidecar["model"]["file"]).resolve()),
+                      "parity": sidecar["parity"]}, indent=2))
 
 
 def _models(args: argparse.Namespace) -> None:

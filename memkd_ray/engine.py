@@ -24,7 +24,7 @@ from memkd_ray.data import CategoryData
 from memkd_ray.data.datasets import TestImages, load_training_images, to_float
 from memkd_ray.data.sample import Sample
 from memkd_ray.metrics import Curve, metrics_and_curves
-from memkd_ray.model import MemKD, anomaly_map, image_scores
+from memkd_ray.model import MemKD, create_scorer
 from memkd_ray.model.teacher import FEATURE_STRIDES, Teacher
 
 log = logging.getLogger(__name__)
@@ -346,19 +346,9 @@ def predict_maps(
     map (zeros unless calibrated) is subtracted before the scores (`eval.score_top_k`) are
     taken."""
     model.eval()
+    # The map and score run in float32 whatever the autocast (model.anomaly_map.in_float32).
     with autocast(images.device, precision):
-        teacher_features, student_features = model(images)
-    maps = configured_map(student_features, teacher_features, cfg) - model.normal_map_mean
-    return maps, image_scores(maps, cfg.eval.score_top_k)
-
-
-def configured_map(
-    student_features: list[torch.Tensor], teacher_features: list[torch.Tensor],
-    cfg: MemKDConfig,
-) -> torch.Tensor:
-    """Eq. 3-4's anomaly map at the image size, with the configured sigma and stage weights."""
-    return anomaly_map(student_features, teacher_features, cfg.data.image_size,
-                       cfg.eval.gaussian_sigma, cfg.eval.stage_weights)
+        return create_scorer(model, cfg)(images)
 
 
 @torch.no_grad()
@@ -376,13 +366,14 @@ def calibrate_normal_map(model: MemKD, features: TrainingFeatures, cfg: MemKDCon
         return
     model.eval()
     precision = resolve_precision(cfg.eval.precision, features.device)
+    scorer = create_scorer(model, cfg)
     total = torch.zeros_like(model.normal_map_mean)
     for start in range(0, len(features), cfg.eval.batch_size):
         indices = torch.arange(start, min(start + cfg.eval.batch_size, len(features)))
         teacher_features = features(indices)
         with autocast(features.device, precision):
             student_features = model.student_forward(teacher_features)
-        total += configured_map(student_features, teacher_features[:3], cfg).sum(dim=0)
+        total += scorer.raw_map(student_features, teacher_features[:3]).sum(dim=0)
     model.normal_map_mean.copy_(total / len(features))
 
 

@@ -17,3 +17,8 @@ class DataError(UserInputError):
 
 class CheckpointError(UserInputError):
     """A checkpoint that is missing, malformed or fails its integrity check."""
+
+
+class VerificationError(RuntimeError):
+    """Something this tool produced failed its own check (exit 1, one-line reason), e.g. an
+    ONNX export that ONNX Runtime does not reproduce."""

@@ -6,15 +6,18 @@ from memkd_ray.config import MemKDConfig
 from memkd_ray.model.anomaly_map import anomaly_map, gaussian_filter, image_scores
 from memkd_ray.model.memkd import MEMORY_SITES, MemKD
 from memkd_ray.model.memory import NormalityRecallMemory
+from memkd_ray.model.scorer import AnomalyScorer
 from memkd_ray.model.teacher import Teacher
 
 __all__ = [
     "MEMORY_SITES",
+    "AnomalyScorer",
     "MemKD",
     "NormalityRecallMemory",
     "Teacher",
     "anomaly_map",
     "create_memkd",
+    "create_scorer",
     "create_teacher",
     "gaussian_filter",
     "image_scores",
@@ -43,3 +46,9 @@ def create_memkd(cfg: MemKDConfig, teacher: Teacher | None = None) -> MemKD:
         width_ratio=cfg.student.width_ratio,
         map_size=cfg.data.image_size,
     )
+
+
+def create_scorer(model: MemKD, cfg: MemKDConfig) -> AnomalyScorer:
+    """The inference module of `model` with the map and score settings of `cfg.eval`."""
+    return AnomalyScorer(model, gaussian_sigma=cfg.eval.gaussian_sigma,
+                         stage_weights=cfg.eval.stage_weights, score_top_k=cfg.eval.score_top_k)

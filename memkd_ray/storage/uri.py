@@ -46,6 +46,15 @@ def plain_name(kind: str, value: str) -> str:
     return value
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a local file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def writable_dir(flag: str, path: Path) -> Path:
     """`path` if it is, or can be made, a directory we can write: checked before any work, and
     without creating it, so a refused command leaves nothing behind."""
