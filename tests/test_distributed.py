@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -191,3 +194,31 @@ def test_a_category_the_cluster_cannot_place_fails_after_the_timeout(synth_root,
     with pytest.raises(UserInputError, match=f"a category {needs}"):
         train_benchmark(cfg, ["mesh"], f"file://{tmp_path / 'local'}")
     assert not (tmp_path / "local").exists()
+
+
+RAYLET_NOISE = """
+import sys, ray
+from memkd_ray.distributed.launcher import connect
+connect()
+@ray.remote(num_cpus=0)
+class Idle:
+    def ping(self):
+        return 1
+actors = [Idle.remote() for _ in range(32)]
+ray.get([actor.ping.remote() for actor in actors])
+print(ray._private.worker._global_node.get_session_dir_path(), file=sys.stderr)
+ray.shutdown()
+print("result")
+"""
+
+
+def test_raylet_messages_stay_off_stdout():
+    # 32 processes on a 2-CPU node: the raylet warns about the worker pool's size (in its log,
+    # asserted below so that this test cannot pass on a run where nothing was pushed).
+    result = subprocess.run([sys.executable, "-c", RAYLET_NOISE], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == "result\n"
+    assert launcher.WORKER_POOL_WARNING not in result.stderr
+    session = Path(result.stderr.strip().splitlines()[-1])
+    assert launcher.WORKER_POOL_WARNING in (session / "logs" / "raylet.out").read_text()

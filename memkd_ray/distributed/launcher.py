@@ -130,6 +130,7 @@ def connect(address: str | None = None) -> None:
     """
     if ray.is_initialized():
         return
+    _route_raylet_messages()
     try:
         with warnings.catch_warnings():  # our one line below says it, without Ray's advice
             warnings.filterwarnings("ignore", "Ray Client connection timed out")
@@ -137,6 +138,37 @@ def connect(address: str | None = None) -> None:
     except (ConnectionError, TimeoutError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise UserInputError(f"--address {address}: cannot join the cluster ({reason})") from None
+
+
+# The raylet's warning that a node runs more Python workers than it has CPUs: every category's
+# worker group, its controller and our small actors are processes, so a cluster running
+# several categories per node passes that mark by design. Nothing a user can act on; it stays
+# in the node's raylet.out.
+WORKER_POOL_WARNING = "worker processes have been started on node"
+
+
+def _route_raylet_messages() -> None:
+    """Ray's driver prints every message the raylet pushes on stdout, whether or not worker
+    logs go to the driver (`ray._private.worker.listen_error_messages`); our stdout is for
+    results (tables, JSON). Raylet messages go to stderr instead, the worker-pool size warning
+    not at all. Ray has no option for this, so its printer is wrapped (looked up at each
+    message, hence effective for the listener thread `ray.init` starts)."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "routes_raylet_messages", False):
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            lines = [line for line in data["lines"] if WORKER_POOL_WARNING not in line]
+            if not lines:
+                return
+            data = {**data, "lines": lines, "is_err": True}
+        original(data, ignore_prefix)
+
+    print_to_stdstream.routes_raylet_messages = True
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def concurrent_categories(cfg: MemKDConfig, joined: bool = False) -> int:
