@@ -24,6 +24,7 @@ from memkd_ray.distributed.launcher import train_benchmark
 from memkd_ray.errors import UserInputError
 from memkd_ray.eval_record import RECORD_FILES
 from memkd_ray.metrics import METRIC_KEYS
+from memkd_ray.storage.uri import open_storage
 from tests.conftest import CONFIGS, S3_SECRET, assert_no_secret, fast_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -222,3 +223,13 @@ def test_raylet_messages_stay_off_stdout():
     assert launcher.WORKER_POOL_WARNING not in result.stderr
     session = Path(result.stderr.strip().splitlines()[-1])
     assert launcher.WORKER_POOL_WARNING in (session / "logs" / "raylet.out").read_text()
+
+
+def test_a_shared_storage_check_leaves_nothing_behind(tmp_path):
+    # Every node of this cluster sees the driver's disk: accepted, and the directories the
+    # check had to create for its marker are gone again.
+    launcher.check_storage_reaches_every_node(open_storage(str(tmp_path / "new" / "store")))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "store").mkdir()
+    launcher.check_storage_reaches_every_node(open_storage(str(tmp_path / "store")))
+    assert list((tmp_path / "store").iterdir()) == []

@@ -67,6 +67,10 @@ class Cluster:
     token_path: Path
     root: Path
     """Holds the nodes' Ray temp directories, head/ and second/ (session logs)."""
+    gcs: str
+    node_env: dict[str, str]
+    python: Path
+    """The Python the nodes run: every dependency, not this package."""
 
     def state(self, resource: str, *filters: str) -> list[dict]:
         """`ray list RESOURCE` through the dashboard, authenticated like any client."""
@@ -108,17 +112,18 @@ def python_without_this_package(root: Path) -> Path:
 
 
 def start_node(args: list[str], log: Path, env: dict[str, str], python: Path,
-               stack: ExitStack) -> subprocess.Popen:
+               stack: ExitStack, wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
     """`ray start --block` in its own process group, its processes living as long as it does.
 
     Registered on `stack` to be stopped; one more try if Ray's own startup timeout (30 s for
     the raylet to register) expires on a busy machine. `python` runs the node and everything
-    it starts; the working directory is the log's, outside the checkout.
+    it starts; the working directory is the log's, outside the checkout. `wrapper` runs before
+    the node and must `exec` it.
     """
     for _ in range(2):
         with log.open("w") as out:
             process = subprocess.Popen(
-                [str(python), "-m", "ray.scripts.scripts", "start", "--block",
+                [*wrapper, str(python), "-m", "ray.scripts.scripts", "start", "--block",
                  "--disable-usage-stats", *args], stdout=out, stderr=subprocess.STDOUT,
                 env=env, cwd=log.parent, start_new_session=True)
         stack.callback(stop_node, process)
@@ -197,7 +202,8 @@ def cluster(s3_endpoint) -> Iterator[Cluster]:
             "--max-worker-port", "23999", "--num-cpus", "1",
             "--resources", '{"memkd_second_node": 1}', "--temp-dir", str(root / "second"),
             *common], root / "second.log", node_env, python, stack)
-        yield Cluster(f"http://127.0.0.1:{dashboard}", client_env, token, root)
+        yield Cluster(f"http://127.0.0.1:{dashboard}", client_env, token, root,
+                      f"127.0.0.1:{gcs}", node_env, python)
 
 
 def submit(script: str, cluster: Cluster, *args: str,
@@ -304,3 +310,38 @@ def test_the_cluster_refuses_clients_without_its_token(cluster, env, message):
                     "--storage", "/s", env=env)
     assert result.returncode == 2 and result.stdout == ""
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_file_storage_a_node_cannot_see_is_refused(cluster, synth_root):
+    """A third node sees its own empty tmpfs at the storage path (its own mount namespace), as
+    a node with a local disk there would: the job is refused, naming that node, before it
+    writes anything; the check found no fault with the head's and the second node's view."""
+    store = cluster.root / "store"
+    store.mkdir()
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                           capture_output=True, text=True, check=False)
+    assert probe.returncode == 0, f"this test needs mount namespaces (root): {probe.stderr}"
+    own_tmpfs = ("unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                 'mount -t tmpfs tmpfs "$0" && exec "$@"', str(store))
+    agent, metrics = free_ports(2)
+    with ExitStack() as stack:
+        start_node(["--address", cluster.gcs, "--dashboard-agent-listen-port", str(agent),
+                    "--metrics-export-port", str(metrics), "--min-worker-port", "24000",
+                    "--max-worker-port", "24499", "--num-cpus", "1", "--num-gpus", "0",
+                    "--object-store-memory", str(200 * 2**20), "--resources",
+                    '{"memkd_third_node": 1}', "--temp-dir",
+                    str(cluster.root / "third")], cluster.root / "third.log", cluster.node_env,
+                   cluster.python, stack, wrapper=own_tmpfs)
+        third = next(node["node_id"] for node in cluster.state("nodes", "state=ALIVE")
+                     if "memkd_third_node" in node["resources_total"])
+        result = submit("submit_benchmark.py", cluster, "--benchmark", "configs/demo.yaml",
+                        str(synth_root), "--storage", f"file://{store}",
+                        "--workers-per-category", "1", *(f"--set={o}" for o in JOB_OVERRIDES),
+                        "--entrypoint-num-cpus", "0", "--wait")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    (line,) = [line for line in output.splitlines() if "not visible from" in line]
+    # Only the third node is named: the head's and the second node's views are the driver's.
+    assert re.search(rf"--storage file://{store}: not visible from [\d.]+ \(node {third[:8]}\):",
+                     line) and line.count("(node ") == 1, line
+    assert list(store.iterdir()) == []

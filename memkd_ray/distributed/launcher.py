@@ -20,9 +20,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +36,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from memkd_ray.config import MemKDConfig, from_dict
 from memkd_ray.data import read_configured_category, resolve_categories
@@ -145,6 +148,8 @@ def connect(address: str | None = None) -> None:
 # several categories per node passes that mark by design. Nothing a user can act on; it stays
 # in the node's raylet.out.
 WORKER_POOL_WARNING = "worker processes have been started on node"
+# How long the shared-storage check waits for a node's answer (a busy node starts a worker).
+SHARED_CHECK_TIMEOUT_S = 60
 
 
 def _route_raylet_messages() -> None:
@@ -169,6 +174,53 @@ def _route_raylet_messages() -> None:
 
     print_to_stdstream.routes_raylet_messages = True
     ray_worker.print_to_stdstream = print_to_stdstream
+
+
+@ray.remote(num_cpus=0)
+def _read_marker(path: str) -> str | None:
+    """The marker's text as this node's filesystem shows it; None where it is absent."""
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def check_storage_reaches_every_node(storage: Storage) -> None:
+    """On a joined cluster, a `file://` storage must be one filesystem for every node (NFS, a
+    shared volume); on node-local disks each worker would write its checkpoints where no
+    other process, the driver included, reads them. A marker written here is read on every
+    live node; a node that does not see it refuses the run before anything is written.
+    Nodes an autoscaler adds later are not checked."""
+    if storage.scheme != "file":
+        return
+    root = Path(storage.root)
+    created = next((p for p in [*reversed(root.parents), root] if not p.exists()), None)
+    token = uuid.uuid4().hex
+    marker = root / f".memkd-ray-shared-check-{token}"
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(token)
+    try:
+        nodes = {
+            _read_marker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node["NodeID"], soft=False)).remote(str(marker)): node
+            for node in ray.nodes() if node["Alive"]
+        }
+        ready, late = ray.wait(list(nodes), num_returns=len(nodes),
+                               timeout=SHARED_CHECK_TIMEOUT_S)
+        blind = [nodes[ref] for ref in ready if ray.get(ref) != token]
+    finally:
+        marker.unlink()
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+    if blind:
+        where = ", ".join(f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n in blind)
+        raise UserInputError(
+            f"--storage {storage.uri}: not visible from {where}: a node-local directory "
+            "scatters checkpoints over the nodes; use s3:// or a filesystem every node "
+            "mounts at this path")
+    if late:
+        log.warning("--storage %s: %d node(s) did not answer within %d s; not checked",
+                    storage.uri, len(late), SHARED_CHECK_TIMEOUT_S)
 
 
 def concurrent_categories(cfg: MemKDConfig, joined: bool = False) -> int:
@@ -217,6 +269,8 @@ def train_benchmark(
         layout, cfg, categories, finished = _saved_run(storage, resume_run, data_root)
     cfg, names, broken = _check_data(cfg, categories)
     connect(address)
+    if address is not None:
+        check_storage_reaches_every_node(storage)
     say = on_message or log.info
     slots = concurrent_categories(cfg, joined=address is not None)
     if not resume_run:

@@ -38,6 +38,7 @@ from memkd_ray.checkpoint import load_model
 from memkd_ray.config import MemKDConfig, from_dict, validate
 from memkd_ray.data import read_configured_category
 from memkd_ray.distributed.launcher import (
+    check_storage_reaches_every_node,
     check_worker_split,
     concurrent_categories,
     connect,
@@ -206,12 +207,15 @@ def tune_benchmark(
             names = cfg.data.categories or _discover(cfg)
         for category in names:  # they become storage paths: checked before any is written
             plain_name("category", category)
-        layout = RunLayout.create(storage)
         spec = {"config": cfg.to_dict(), "categories": names, "space": space,
                 "samples": samples, "scheduler": scheduler, "search": search,
                 "max_concurrent": max_concurrent, "select_on": select_on}
-        storage.write_bytes(f"{layout.run_dir}/{SPEC_FILE}", json.dumps(spec).encode())
     connect(address)
+    if address is not None:
+        check_storage_reaches_every_node(storage)
+    if not resume_run:
+        layout = RunLayout.create(storage)
+        storage.write_bytes(f"{layout.run_dir}/{SPEC_FILE}", json.dumps(spec).encode())
     base = from_dict(spec["config"])
     say(f"tune run {layout.run_id}: {len(spec['categories'])} categories x {spec['samples']} "
         f"trials, selecting on {spec['select_on']}")
