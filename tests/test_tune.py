@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from memkd_ray.cli import main
 from memkd_ray.data import read_category
 from memkd_ray.data.validation import make_validation_split
 from memkd_ray.distributed.tune import (
@@ -165,6 +166,14 @@ def test_interrupted_search_resumes_only_the_remaining_trials(one_category, tmp_
         tune_benchmark(_config(one_category), ["mesh"], store, SPACE, samples=4,
                        scheduler="fifo", max_concurrent=1, on_message=interrupt_after_two)
     (run_id,) = [p.name for p in (tmp_path / "store" / "runs").iterdir()]
+    # As for train: the results say the category is unfinished.
+    results = tmp_path / "store" / "runs" / run_id / "tune_results.parquet"
+    rows = pq.read_table(results).to_pylist()
+    assert [(r["category"], r["status"], r["selected"]) for r in rows] == [
+        ("mesh", "interrupted", False)]
+    assert main(["-q", "report", run_id, "--storage", store]) == 0
+    page = (tmp_path / "store" / "runs" / run_id / "report" / "index.html").read_text()
+    assert "<td>mesh</td>" in page and ">interrupted</td>" in page
     train_runs = tmp_path / "store" / "runs" / run_id / "synthetic" / "mesh-train"
     before = {str(p): p.stat().st_mtime for p in train_runs.rglob("checkpoint.json")
               if any(t in str(p) for t in finished)}
@@ -182,3 +191,4 @@ def test_interrupted_search_resumes_only_the_remaining_trials(one_category, tmp_
              if any(t in str(p) for t in finished)}
     assert after == before
     assert sum(r["selected"] for r in summary.rows) == 1
+    assert [r["status"] for r in pq.read_table(results).to_pylist()] == ["ok"] * 4

@@ -222,8 +222,18 @@ def tune_benchmark(
     # A local cluster that cannot hold one trial's worker group fails here, not by waiting.
     limit = spec["max_concurrent"] or concurrent_categories(base, joined=address is not None)
     rows: list[dict] = []
-    for category in spec["categories"]:
-        rows += _search_category(spec, base, category, layout, storage, limit, bool(resume_run))
+    for index, category in enumerate(spec["categories"]):
+        try:
+            rows += _search_category(spec, base, category, layout, storage, limit,
+                                     bool(resume_run))
+        except SearchInterrupted:
+            # What a stopped search leaves: the trials of every finished category, and one
+            # `interrupted` row per category not finished (its trials continue on --resume).
+            metric = _selection_metric(spec)
+            rows += [_row({}, {}, "interrupted", spec, base, name, layout, storage, metric)
+                     for name in spec["categories"][index:]]
+            _write_results(storage, layout, rows)
+            raise
     selected = {row["category"]: row for row in rows if row["selected"]}
     if on_selected is not None:
         on_selected(selected)
@@ -235,11 +245,20 @@ def tune_benchmark(
         say(f"{row['category']}: selected trial {row['trial_id']} "
             f"({row['selection_metric']} {row['selection_value']:.3f}), "
             f"test I-AUROC {row['test_image_auroc']:.3f}")
+    return TuneSummary(layout.run_id, _write_results(storage, layout, rows), rows)
+
+
+def _write_results(storage: Storage, layout: RunLayout, rows: list[dict]) -> str:
+    """tune_results.parquet (one atomic write); returns its URI."""
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buffer)
     path = f"{layout.run_dir}/{RESULTS_FILE}"
     storage.write_bytes(path, buffer.getvalue())
-    return TuneSummary(layout.run_id, storage.uri_for(path), rows)
+    return storage.uri_for(path)
+
+
+def _selection_metric(spec: dict[str, Any]) -> str:
+    return "val_image_auroc" if spec["select_on"] == "validation" else "image_auroc"
 
 
 def _discover(cfg: MemKDConfig) -> list[str]:
@@ -250,7 +269,7 @@ def _discover(cfg: MemKDConfig) -> list[str]:
 
 def _search_category(spec: dict[str, Any], base: MemKDConfig, category: str, layout: RunLayout,
                      storage: Storage, limit: int, resume: bool) -> list[dict]:
-    metric = "val_image_auroc" if spec["select_on"] == "validation" else "image_auroc"
+    metric = _selection_metric(spec)
     experiment_root = layout.benchmark_dir(base.data.benchmark)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec, category=category,
@@ -331,17 +350,24 @@ def _keep_credentials_out_of_trial_runtime_env() -> None:
 
 def _trial_row(result: Any, spec: dict[str, Any], base: MemKDConfig, category: str,
                layout: RunLayout, storage: Storage, metric: str) -> dict:
-    metrics = result.metrics or {}
-    params = (result.config or {}).get("memkd", {})
+    return _row(result.metrics or {}, (result.config or {}).get("memkd", {}),
+                "error" if result.error else "ok", spec, base, category, layout, storage, metric)
+
+
+def _row(metrics: dict[str, Any], params: dict[str, Any], status: str, spec: dict[str, Any],
+         base: MemKDConfig, category: str, layout: RunLayout, storage: Storage, metric: str
+         ) -> dict:
+    """One row of tune_results.parquet: a trial's last report, or (no metrics, no params) an
+    unfinished category; every row has the same columns."""
     prefix = "val_" if spec["select_on"] == "validation" else ""
     checkpoint = metrics.get("checkpoint_path")
     row = {
         "run_id": layout.run_id, "benchmark": base.data.benchmark, "category": category,
-        "trial_id": metrics.get("trial_id", ""), "status": "error" if result.error else "ok",
+        "trial_id": metrics.get("trial_id", ""), "status": status,
         "epochs": int(metrics.get("epoch", 0)), "selected_on": spec["select_on"],
         "selection_metric": metric, "selection_value": float(metrics.get(metric, math.nan)),
         "selection_tiebreak": float(metrics.get(f"{prefix}pixel_auroc", math.nan)),
-        **{f"param.{k}": v for k, v in params.items()},
+        **{f"param.{k}": params.get(k) for k in spec["space"]},
         **{f"{prefix or 'test_'}{k}": float(metrics.get(f"{prefix}{k}", math.nan))
            for k in METRIC_KEYS},
         "checkpoint_uri": storage.uri_for(checkpoint) if checkpoint else "",

@@ -137,6 +137,8 @@ def _trials_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _short(value: object) -> str:
+    if value is None:  # a category a stopped search did not finish has no parameters
+        return ""
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 

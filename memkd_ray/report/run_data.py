@@ -68,9 +68,10 @@ def read_run(storage: Storage, run_id: str) -> RunData:
     rows = pq.read_table(io.BytesIO(storage.read_bytes(path))).to_pylist()
     if kind == "train":
         shown = [(row, {key: row[key] for key in METRIC_KEYS}) for row in rows]
-    else:  # the selected trial of each category, with its one test evaluation
+    else:  # the selected trial of each category, with its one test evaluation, and the
+        # categories a stopped search did not finish
         shown = [(row, {key: row[f"test_{key}"] for key in METRIC_KEYS})
-                 for row in rows if row["selected"]]
+                 for row in rows if row["selected"] or row["status"] == "interrupted"]
     categories = [_category(storage, row, metrics) for row, metrics in shown]
     return RunData(run_id, kind, storage.uri_for(layout.run_dir), storage.uri_for(path), rows,
                    categories)
