@@ -170,6 +170,10 @@ class DistributedConfig:
     """At least 2: a restore after a hard kill must not find its checkpoint deleted."""
     max_concurrent_categories: int = 0
     """0: as many categories at once as the cluster's CPUs/GPUs hold; the rest queue."""
+    sync_batchnorm: bool = True
+    """With several GPU workers per category, the student's BatchNorm uses the statistics of
+    the global batch (SyncBatchNorm), as one worker holding the whole batch would. CPU workers
+    (gloo) keep per-worker statistics: torch has no SyncBatchNorm on CPU."""
     placement_timeout_s: float = 300.0
     """How long a category waits for its worker group's resources before it fails; 0 waits
     forever (an autoscaling cluster adding GPU nodes)."""

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from memkd_ray import __version__
 from memkd_ray.checkpoint import META_FILE, WEIGHTS_FILE, load_model, save_checkpoint, sha256_file
+from memkd_ray.distributed.train_loop import sync_student_batchnorm
 from memkd_ray.errors import CheckpointError
 from memkd_ray.model import create_memkd
 from memkd_ray.model.teacher import read_weights_file, resolve_weights_file
@@ -162,3 +163,25 @@ def test_training_state_resumes_exactly(tmp_path: Path, synth_root):
     again = epoch(resumed)
     for key in ("loss", "kd", "nm", "orth"):
         assert again[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+def test_a_student_trained_with_synced_batchnorm_loads_as_the_plain_model(tmp_path):
+    # What several GPU workers train (distributed.sync_batchnorm) must load anywhere.
+    cfg = fast_config()
+    model = create_memkd(cfg)
+    plain = model.trainable_state_dict()
+    sync_student_batchnorm(model)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.student.modules())
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in model.student.modules())
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.teacher.modules())
+    with torch.no_grad():
+        for module in model.student.modules():
+            if isinstance(module, torch.nn.SyncBatchNorm):
+                module.running_mean.uniform_()
+    trained = model.trainable_state_dict()
+    assert list(trained) == list(plain)
+    save_checkpoint(tmp_path / "ckpt", model, cfg, epoch=1)
+    loaded, _ = load_model(tmp_path / "ckpt")
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in loaded.modules())
+    for key, value in loaded.trainable_state_dict().items():
+        assert torch.equal(value, trained[key]), key

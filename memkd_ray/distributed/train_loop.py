@@ -43,7 +43,7 @@ from memkd_ray.engine import (
     with_training_budget,
 )
 from memkd_ray.eval_record import RECORD_DIR, encode_eval_record
-from memkd_ray.model import create_memkd
+from memkd_ray.model import MemKD, create_memkd
 
 
 def sharded_batches(
@@ -108,6 +108,13 @@ def until_stopped(batches: Iterable[torch.Tensor], stop: StopPolling) -> Iterato
         yield batch
 
 
+def sync_student_batchnorm(model: MemKD) -> None:
+    """The student's BatchNorm layers as SyncBatchNorm: in training, statistics over every
+    worker's share of the batch. Same parameters and buffer names, so checkpoints load into
+    the plain model; the frozen teacher's BatchNorm (eval mode) is left alone."""
+    model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.student)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> str | None:
     cfg: MemKDConfig = validate(from_dict(loop_config["config"]))
     category: str = loop_config["category"]
@@ -133,6 +140,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> str | None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     # On the device before the optimiser exists, so restored Adam moments land beside it.
     model = place_model(create_memkd(cfg), cfg, device)
+    if world > 1 and device.type == "cuda" and cfg.distributed.sync_batchnorm:
+        sync_student_batchnorm(model)
     state = TrainState(model, make_optimizer(model, cfg),
                        torch.Generator().manual_seed(cfg.train.seed + rank))
     restored = ray.train.get_checkpoint()
