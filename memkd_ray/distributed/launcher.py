@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -133,6 +134,8 @@ def connect(address: str | None = None) -> None:
     """
     if ray.is_initialized():
         return
+    if address is not None:
+        _check_reachable(address)
     _route_raylet_messages()
     try:
         with warnings.catch_warnings():  # our one line below says it, without Ray's advice
@@ -141,6 +144,33 @@ def connect(address: str | None = None) -> None:
     except (ConnectionError, TimeoutError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise UserInputError(f"--address {address}: cannot join the cluster ({reason})") from None
+
+
+# Ray's client retries an unreachable `ray://` address for about 40 s; a plain TCP connect
+# tells within this many seconds whether anything listens there.
+ADDRESS_PROBE_TIMEOUT_S = 5.0
+RAY_CLIENT_PORT = 10001
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a `ray://host[:port]` or `host:port` where nothing listens
+    (`auto` is Ray's to resolve)."""
+    target = address.removeprefix("ray://")
+    if address == "auto" or "://" in target:
+        return
+    host, _, port = target.rpartition(":") if ":" in target else (target, "", "")
+    if not port.isdigit():
+        if not address.startswith("ray://"):
+            raise UserInputError(f"--address {address}: expected auto, ray://HOST[:PORT] "
+                                 "or HOST:PORT")
+        host, port = target, str(RAY_CLIENT_PORT)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)),
+                                 timeout=ADDRESS_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserInputError(f"--address {address}: nothing answers at {host}:{port} "
+                             f"({reason})") from None
 
 
 # The raylet's warning that a node runs more Python workers than it has CPUs: every category's
