@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -233,3 +234,29 @@ def test_a_shared_storage_check_leaves_nothing_behind(tmp_path):
     (tmp_path / "store").mkdir()
     launcher.check_storage_reaches_every_node(open_storage(str(tmp_path / "store")))
     assert list((tmp_path / "store").iterdir()) == []
+
+
+def test_training_outlives_its_progress_queue(synth_root, tmp_path):
+    # The queue actor that carries the console lines is killed after the first epoch line:
+    # the category still trains every epoch and ends ok, and the console says what was lost.
+    from ray.util.state import list_actors
+
+    messages: list[str] = []
+
+    def kill_the_queue_once(message: str) -> None:
+        messages.append(message)
+        if message.startswith("stripes epoch 1:"):
+            (queue,) = list_actors(filters=[("class_name", "=", "_QueueActor"),
+                                            ("state", "=", "ALIVE")], detail=True)
+            os.kill(queue.pid, signal.SIGKILL)
+
+    cfg = _config(synth_root, "train.epochs=3", "train.checkpoint_every=1")
+    summary = train_benchmark(cfg, ["stripes"], str(tmp_path / "store"),
+                              on_message=kill_the_queue_once)
+    (row,) = summary.rows
+    assert row["status"] == "ok" and row["epochs"] == 3, row
+    assert any(m.startswith("progress lines lost (") for m in messages), messages
+    assert not any(m.startswith(("stripes epoch 2:", "stripes epoch 3:")) for m in messages)
+    meta = json.loads((Path(row["checkpoint_uri"].removeprefix("file://"))
+                       / "checkpoint.json").read_text())
+    assert [h["epoch"] for h in meta["training_state"]["history"]] == [1, 2, 3]

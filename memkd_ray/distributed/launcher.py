@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray.exceptions
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
@@ -561,11 +562,21 @@ def one_line_reason(exc: BaseException) -> str:
 
 def _print_progress(queue: Queue, stop: threading.Event, say: Callable[[str], None],
                     started: dict[str, threading.Event]) -> None:
-    while not (stop.is_set() and queue.empty()):
+    while True:
         try:
+            if stop.is_set() and queue.empty():
+                return
             message = queue.get(timeout=0.5)
         except Empty:
             continue
+        except ray.exceptions.RayError as exc:
+            # The queue's actor died (its node was lost): only the console lines are lost;
+            # results come through Ray Train. No category is left looking unplaced.
+            say(f"progress lines lost ({type(exc).__name__}); training goes on, results at "
+                "the end")
+            for event in started.values():
+                event.set()
+            return
         category = message["category"]
         if message["event"] == "started":
             started[category].set()
