@@ -21,7 +21,6 @@ from PIL import Image
 
 from memkd_ray import __version__
 from memkd_ray.checkpoint import META_FILE, load_model
-from memkd_ray.data.sample import Sample, validate_samples
 from memkd_ray.deploy.runtime import (
     INPUT_NAME,
     ONNX_FILE,
@@ -34,6 +33,7 @@ from memkd_ray.deploy.runtime import (
 )
 from memkd_ray.errors import UserInputError, VerificationError
 from memkd_ray.model import AnomalyScorer, create_scorer
+from memkd_ray.predictions import prediction_samples
 from memkd_ray.storage.uri import sha256_file
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,8 @@ def reference_photographs(size: int) -> np.ndarray:
 
 def check_images(paths: list[Path], size: int) -> np.ndarray:
     """The given images (decoded as `predict` decodes them) after the reference photographs."""
-    samples = [Sample(Path(p), 0, "unknown") for p in paths]
-    validate_samples(samples, decode=True)
     return np.stack([*reference_photographs(size),
-                     *(sample.load_image(size) for sample in samples)])
+                     *(sample.load_image(size) for sample in prediction_samples(paths))])
 
 
 def export_graph(scorer: AnomalyScorer, path: Path, opset: int, batch: int | None) -> None:
@@ -158,9 +156,10 @@ def export_onnx(
                 f"(tolerance {PARITY_TOLERANCE:.0e}); nothing written")
         sidecar = describe_export(checkpoint, scorer, staged, source, opset, batch, parity,
                                   threshold)
+        sidecar_of(staged).write_text(json.dumps(sidecar, indent=2) + "\n")
         out.mkdir(parents=True, exist_ok=True)
-        _install(staged, out / ONNX_FILE)
-        _install_bytes(json.dumps(sidecar, indent=2) + "\n", sidecar_of(out / ONNX_FILE))
+        for staged_file in (staged, sidecar_of(staged)):
+            _install(staged_file, out / staged_file.name)
     return sidecar
 
 
@@ -214,10 +213,4 @@ def _install(source: Path, target: Path) -> None:
     """Copy next to `target`, then rename over it: `target` is whole or absent, never partial."""
     partial = target.with_name(f".{target.name}.partial")
     shutil.copyfile(source, partial)
-    os.replace(partial, target)
-
-
-def _install_bytes(text: str, target: Path) -> None:
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_text(text)
     os.replace(partial, target)

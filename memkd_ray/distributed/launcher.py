@@ -128,23 +128,27 @@ class Interruption:
                 signal.signal(sig, handler)
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, storage: Storage | None = None) -> None:
     """Join a cluster (`auto`, `ray://...`, `host:port`) or start a local one (no address).
+    Joined, a `file://` `storage` must be one filesystem for every node (see
+    `check_storage_reaches_every_node`).
 
     Worker logs stay in Ray's log files: progress comes through our own queue.
     """
-    if ray.is_initialized():
-        return
-    if address is not None:
-        _check_reachable(address)
-    _route_raylet_messages()
-    try:
-        with warnings.catch_warnings():  # our one line below says it, without Ray's advice
-            warnings.filterwarnings("ignore", "Ray Client connection timed out")
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-    except (ConnectionError, TimeoutError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise UserInputError(f"--address {address}: cannot join the cluster ({reason})") from None
+    if not ray.is_initialized():
+        if address is not None:
+            _check_reachable(address)
+        _route_raylet_messages()
+        try:
+            with warnings.catch_warnings():  # our one line below says it, without Ray's advice
+                warnings.filterwarnings("ignore", "Ray Client connection timed out")
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, TimeoutError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise UserInputError(f"--address {address}: cannot join the cluster "
+                                 f"({reason})") from None
+    if address is not None and storage is not None:
+        check_storage_reaches_every_node(storage)
 
 
 # Ray's client retries an unreachable `ray://` address for about 40 s; a plain TCP connect
@@ -159,8 +163,8 @@ def _check_reachable(address: str) -> None:
     target = address.removeprefix("ray://")
     if address == "auto" or "://" in target:
         return
-    host, _, port = target.rpartition(":") if ":" in target else (target, "", "")
-    if not port.isdigit():
+    host, colon, port = target.rpartition(":")
+    if not colon or not port.isdigit():  # no port: the Ray client's default
         if not address.startswith("ray://"):
             raise UserInputError(f"--address {address}: expected auto, ray://HOST[:PORT] "
                                  "or HOST:PORT")
@@ -299,9 +303,7 @@ def train_benchmark(
     if resume_run:
         layout, cfg, categories, finished = _saved_run(storage, resume_run, data_root)
     cfg, names, broken = _check_data(cfg, categories)
-    connect(address)
-    if address is not None:
-        check_storage_reaches_every_node(storage)
+    connect(address, storage)
     say = on_message or log.info
     slots = concurrent_categories(cfg, joined=address is not None)
     if not resume_run:

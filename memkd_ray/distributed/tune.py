@@ -38,7 +38,6 @@ from memkd_ray.checkpoint import load_model
 from memkd_ray.config import MemKDConfig, from_dict, validate
 from memkd_ray.data import read_configured_category
 from memkd_ray.distributed.launcher import (
-    check_storage_reaches_every_node,
     check_worker_split,
     concurrent_categories,
     connect,
@@ -210,9 +209,7 @@ def tune_benchmark(
         spec = {"config": cfg.to_dict(), "categories": names, "space": space,
                 "samples": samples, "scheduler": scheduler, "search": search,
                 "max_concurrent": max_concurrent, "select_on": select_on}
-    connect(address)
-    if address is not None:
-        check_storage_reaches_every_node(storage)
+    connect(address, storage)
     if not resume_run:
         layout = RunLayout.create(storage)
         storage.write_bytes(f"{layout.run_dir}/{SPEC_FILE}", json.dumps(spec).encode())
