@@ -152,6 +152,7 @@ def test_asha_search_on_s3_selects_without_reading_the_test_split(one_category, 
     assert assert_no_secret(s3_endpoint, "tune/", messages) >= len(run_keys)
 
 
+@pytest.mark.slow  # about 150 s: a search stopped by SIGTERM, then resumed
 def test_interrupted_search_resumes_only_the_remaining_trials(one_category, tmp_path):
     store = f"file://{tmp_path / 'store'}"
     finished: list[str] = []

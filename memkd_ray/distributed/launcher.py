@@ -135,9 +135,9 @@ def connect(address: str | None = None, storage: Storage | None = None) -> None:
 
     Worker logs stay in Ray's log files: progress comes through our own queue.
     """
+    if address is not None:
+        _check_reachable(address)
     if not ray.is_initialized():
-        if address is not None:
-            _check_reachable(address)
         _route_raylet_messages()
         try:
             with warnings.catch_warnings():  # our one line below says it, without Ray's advice
