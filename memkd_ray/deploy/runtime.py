@@ -23,9 +23,9 @@ SIDECAR_FORMAT = "memkd-ray-onnx"
 SIDECAR_VERSION = 1
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score")
-# Images per ONNX Runtime call for a dynamic-batch export: past a few images CPU throughput
-# stops growing, while memory keeps growing with the batch.
-DYNAMIC_BATCH = 8
+# Images per ONNX Runtime call for a dynamic-batch export. On CPU batching does not pay: per
+# image, batch 8 took 1.2-1.3x the time of batch 1 (benchmarks/onnx_latency.py, README).
+DYNAMIC_BATCH = 1
 
 
 def is_onnx_export(reference: str) -> bool:
