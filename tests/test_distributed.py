@@ -236,19 +236,30 @@ def test_a_shared_storage_check_leaves_nothing_behind(tmp_path):
     assert list((tmp_path / "store").iterdir()) == []
 
 
-def test_training_outlives_its_progress_queue(synth_root, tmp_path):
+def test_training_outlives_its_progress_queue(synth_root, tmp_path, monkeypatch):
     # The queue actor that carries the console lines is killed after the first epoch line:
     # the category still trains every epoch and ends ok, and the console says what was lost.
     from ray.util.state import list_actors
 
+    make_queue = launcher.Queue
+    queues: list[launcher.Queue] = []
+
+    def recorded_queue(**options: dict) -> launcher.Queue:
+        queues.append(make_queue(**options))
+        return queues[-1]
+
+    monkeypatch.setattr(launcher, "Queue", recorded_queue)
     messages: list[str] = []
 
     def kill_the_queue_once(message: str) -> None:
         messages.append(message)
         if message.startswith("stripes epoch 1:"):
-            (queue,) = list_actors(filters=[("class_name", "=", "_QueueActor"),
-                                            ("state", "=", "ALIVE")], detail=True)
-            os.kill(queue.pid, signal.SIGKILL)
+            # This run's queue by its actor id: an earlier test's queue may still be listed
+            # as alive while its kill is on the way.
+            (queue,) = queues
+            (actor,) = list_actors(filters=[("actor_id", "=", queue.actor._actor_id.hex())],
+                                   detail=True)
+            os.kill(actor.pid, signal.SIGKILL)
 
     cfg = _config(synth_root, "train.epochs=3", "train.checkpoint_every=1")
     summary = train_benchmark(cfg, ["stripes"], str(tmp_path / "store"),

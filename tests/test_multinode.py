@@ -118,18 +118,21 @@ def start_node(args: list[str], log: Path, env: dict[str, str], python: Path,
     Registered on `stack` to be stopped; one more try if Ray's own startup timeout (30 s for
     the raylet to register) expires on a busy machine. `python` runs the node and everything
     it starts; the working directory is the log's, outside the checkout. `wrapper` runs before
-    the node and must `exec` it.
+    the node and must `exec` it. Every process of the node inherits a marker naming its log,
+    by which `stop_node` finds the ones outside the node's process group.
     """
+    marker = f"MEMKD_TEST_NODE={log}"
+    env = {**env, "MEMKD_TEST_NODE": str(log)}
     for _ in range(2):
         with log.open("w") as out:
             process = subprocess.Popen(
                 [*wrapper, str(python), "-m", "ray.scripts.scripts", "start", "--block",
                  "--disable-usage-stats", *args], stdout=out, stderr=subprocess.STDOUT,
                 env=env, cwd=log.parent, start_new_session=True)
-        stack.callback(stop_node, process)
+        stack.callback(stop_node, process, marker)
         if wait_started(process, log):
             return process
-        stop_node(process)
+        stop_node(process, marker)
     pytest.fail(f"ray start did not come up twice:\n{log.read_text()[-3000:]}")
 
 
@@ -142,8 +145,10 @@ def wait_started(process: subprocess.Popen, log: Path) -> bool:
     return False
 
 
-def stop_node(process: subprocess.Popen) -> None:
-    """SIGTERM to the `ray start --block` group: it stops the processes it started."""
+def stop_node(process: subprocess.Popen, marker: str) -> None:
+    """SIGTERM to the `ray start --block` group: it stops the processes it started. Whatever
+    of the node outlives that (a dashboard or runtime-env agent left running on its own) is
+    killed by its marker."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -151,10 +156,12 @@ def stop_node(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
+    kill_leftovers(marker)
 
 
 def kill_leftovers(marker: str) -> None:
-    """Kill the processes whose environment names this cluster's token file: only ours."""
+    """Kill the processes whose environment holds `marker` (this cluster's token path, or one
+    node's marker): only ours."""
     needle = marker.encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
