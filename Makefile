@@ -29,8 +29,10 @@ test: $(STAMP) lint
 test-all: $(STAMP) lint
 	$(BIN)/python -m pytest
 
+# ruff, and the layer rules of docs/ARCHITECTURE.md (import-linter contracts in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py

@@ -2,7 +2,7 @@
 
 1. Per-epoch cost and fixed cost of a one-category Ray Train run (one worker), from two runs
    of different length: per_epoch = (wall(E2) - wall(E1)) / (E2 - E1), fixed = wall(E1) -
-   E1 * per_epoch; compared with the plain engine.py loop's per-epoch time.
+   E1 * per_epoch; compared with the same epoch driver in one process (`engine.fit`).
 2. N categories trained concurrently (one `train` call) vs one after another (N calls).
 
 Runs on a local Ray cluster started here; prints the numbers and the machine.
@@ -25,8 +25,7 @@ from memkd_ray.config import load_config
 from memkd_ray.data import read_configured_category
 from memkd_ray.data.synthetic import generate_benchmark
 from memkd_ray.distributed.launcher import train_benchmark
-from memkd_ray.engine import TrainState, fit, make_optimizer
-from memkd_ray.model import create_memkd
+from memkd_ray.engine import fit
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -55,11 +54,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     cfg = config(long)
-    model = create_memkd(cfg)
-    state = TrainState(model, make_optimizer(model, cfg), torch.Generator().manual_seed(0))
-    fit(state, read_configured_category(cfg.data, names[0]), cfg, torch.device("cpu"),
-        progress=False)
-    plain_epoch = sum(h["seconds"] for h in state.history) / len(state.history)
+    history = fit(cfg, read_configured_category(cfg.data, names[0]),
+                  torch.device("cpu")).state.history
+    plain_epoch = sum(h["seconds"] for h in history) / len(history)
 
     started = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False, configure_logging=False)
@@ -78,7 +75,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}; "
           f"synthetic categories at {args.size} px, demo model, 1 worker x 0.5 CPU per category")
     print(f"ray.init (local cluster start)          {ray_start:7.1f} s")
-    print(f"plain engine.py loop, per epoch          {plain_epoch:7.2f} s")
+    print(f"the epoch driver without Ray, per epoch   {plain_epoch:7.2f} s")
     print(f"Ray Train, per epoch (incl. report)      {per_epoch:7.2f} s")
     print(f"Ray Train, fixed cost per category run   {fixed:7.1f} s  (worker group start, "
           "data load, cache, final eval, results)")

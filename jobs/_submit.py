@@ -35,9 +35,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
-# The standard AWS variables the package reads (storage/uri.py). The settings are copied when
-# set; the credentials only on request: Ray keeps a job's env_vars in its record (dashboard)
-# and its runtime-env agent logs them on every node, so nodes should hold their own.
+# The standard AWS variables the package reads (memkd_ray/storage/s3.py). The settings are
+# copied when set; the credentials only on request: Ray keeps a job's env_vars in its record
+# (dashboard) and its runtime-env agent logs them on every node, so nodes should hold their own.
 AWS_SETTINGS = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
 )

@@ -51,7 +51,7 @@ def evaluate(benchmark: str, category: str, data_root: str, storage: str) -> dic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from memkd_ray.cli import format_results_table
+    from memkd_ray.cli.tables import format_results_table
     from memkd_ray.metrics import METRIC_KEYS
 
     args = build_parser().parse_args(argv)

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,27 +22,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from memkd_ray import __version__
-from memkd_ray.config import MemKDConfig, from_dict, validate
+from memkd_ray.checkpoint_format import (
+    FORMAT_VERSION,
+    META_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    verify_checkpoint_dir,
+)
+from memkd_ray.config import MemKDConfig
 from memkd_ray.engine import TrainState
-from memkd_ray.errors import CheckpointError, ConfigError
+from memkd_ray.errors import CheckpointError
+from memkd_ray.eval_record import RECORD_DIR
+from memkd_ray.files import sha256_file
 from memkd_ray.model import MemKD, create_memkd
 from memkd_ray.model.teacher import TeacherWeightsError, resolve_weights_file
-from memkd_ray.storage.uri import sha256_file
-
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "checkpoint.json"
-# Optimiser moments and the exemplar/shuffle RNG: what a resumed run needs beyond the weights.
-STATE_FILE = "training_state.safetensors"
-FORMAT_VERSION = 1
-_REQUIRED = {
-    "format_version": int,
-    "config": dict,
-    "epoch": int,
-    "metrics": dict,
-    "teacher": dict,
-    "package_version": str,
-    "sha256": str,
-}
 
 
 def teacher_weights_sha256(weights: str) -> str:
@@ -70,11 +63,13 @@ def save_checkpoint(
     metrics: dict[str, float] | None = None,
     state: TrainState | None = None,
     category: str | None = None,
+    evaluation_record: dict[str, bytes] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically: it appears complete or not at all.
 
     With `state`, the optimiser, RNG and epoch history are saved too, so that training can
-    resume exactly where it stopped (`restore_training_state`).
+    resume exactly where it stopped (`restore_training_state`); `evaluation_record`
+    (eval_record.encode_eval_record) is the test evaluation kept for the report.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -104,6 +99,10 @@ def save_checkpoint(
         if state is not None:
             meta["training_state"] = _save_training_state(state, staging / STATE_FILE)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if evaluation_record is not None:
+            (staging / RECORD_DIR).mkdir()
+            for name, data in evaluation_record.items():
+                (staging / RECORD_DIR / name).write_bytes(data)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)
@@ -121,55 +120,29 @@ class Checkpoint:
     state: dict[str, torch.Tensor]
 
 
-def parse_checkpoint_meta(data: bytes, where: str) -> dict[str, Any]:
-    """checkpoint.json parsed and schema-checked; CheckpointError names `where`."""
-    try:
-        meta = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{where}: not valid JSON") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{where}: top level must be an object")
-    for key, kind in _REQUIRED.items():
-        if not isinstance(meta.get(key), kind):
-            raise CheckpointError(f"{where}: field {key!r} missing or not a {kind.__name__}")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"{where}: format {meta['format_version']} is newer than "
-                              f"this memkd-ray ({__version__}) reads")
-    return meta
-
-
 def read_checkpoint(directory: str | Path) -> Checkpoint:
     """Read and verify a checkpoint directory; CheckpointError names what is wrong."""
     directory = Path(directory)
-    meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
-    for path in (meta_path, weights_path):
-        if not path.is_file():
-            raise CheckpointError(f"{path}: not found (is {directory} a checkpoint directory?)")
-    meta = parse_checkpoint_meta(meta_path.read_bytes(), str(meta_path))
-    actual = sha256_file(weights_path)
-    if actual != meta["sha256"]:
-        raise CheckpointError(
-            f"{weights_path}: sha256 {actual[:12]}... does not match checkpoint.json "
-            f"{meta['sha256'][:12]}... (tampered or truncated)"
-        )
+    meta, config = verify_checkpoint_dir(directory)
     try:
-        config = validate(from_dict(meta["config"]))
-    except ConfigError as exc:
-        raise CheckpointError(f"{meta_path}: bad config ({exc})") from None
-    try:
-        state = load_file(weights_path)
+        state = load_file(directory / WEIGHTS_FILE)
     except SafetensorError as exc:
-        raise CheckpointError(f"{weights_path}: unreadable safetensors ({exc})") from None
+        raise CheckpointError(f"{directory / WEIGHTS_FILE}: unreadable safetensors "
+                              f"({exc})") from None
     return Checkpoint(directory, config, meta, state)
 
 
 def load_model(
     directory: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[MemKD, Checkpoint]:
-    """Rebuild the model a checkpoint was trained with and load its weights."""
+    """Rebuild the model a checkpoint was trained with and load its weights; the teacher
+    normalises its input as recorded at training, whatever the defaults are now."""
     checkpoint = read_checkpoint(directory)
     _check_teacher_weights(checkpoint)
-    model = create_memkd(checkpoint.config)
+    teacher, recorded = checkpoint.config.teacher, checkpoint.meta["teacher"]
+    if teacher.mean is None and "mean" in recorded:
+        teacher = replace(teacher, mean=recorded["mean"], std=recorded["std"])
+    model = create_memkd(replace(checkpoint.config, teacher=teacher))
     try:
         model.load_trainable_state_dict(checkpoint.state)
     except (KeyError, RuntimeError) as exc:

@@ -44,6 +44,22 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# `memkd-ray ...` in a Python where importing torch, torchvision or timm fails: a line PC
+# with ONNX Runtime and no deep-learning framework, or a laptop that only browses a registry.
+WITHOUT_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "timm"):
+            raise ImportError(name + " is not installed here")
+sys.meta_path.insert(0, NoTorch())
+from memkd_ray.cli import main
+code = main(sys.argv[1:])
+assert "torch" not in sys.modules
+sys.exit(code)
+"""
+
+
 def fast_config(*extra: str) -> MemKDConfig:
     return load_config(CONFIGS / "demo.yaml", [*FAST_OVERRIDES, *extra])
 

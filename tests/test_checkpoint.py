@@ -8,9 +8,11 @@ import torch
 from safetensors.torch import save_file
 
 from memkd_ray import __version__
-from memkd_ray.checkpoint import META_FILE, WEIGHTS_FILE, load_model, save_checkpoint, sha256_file
-from memkd_ray.distributed.train_loop import sync_student_batchnorm
+from memkd_ray.checkpoint import load_model, save_checkpoint
+from memkd_ray.checkpoint_format import META_FILE, WEIGHTS_FILE
+from memkd_ray.engine import sync_student_batchnorm
 from memkd_ray.errors import CheckpointError
+from memkd_ray.files import sha256_file
 from memkd_ray.model import create_memkd
 from memkd_ray.model.teacher import read_weights_file, resolve_weights_file
 from tests.conftest import fast_config
@@ -128,8 +130,8 @@ def test_training_state_resumes_exactly(tmp_path: Path, synth_root):
     from memkd_ray.engine import (
         TrainingFeatures,
         TrainState,
+        epoch_batches,
         make_optimizer,
-        shuffled_batches,
         train_one_epoch,
     )
 
@@ -144,7 +146,7 @@ def test_training_state_resumes_exactly(tmp_path: Path, synth_root):
     def epoch(state: TrainState) -> dict:
         features = TrainingFeatures(state.model.teacher, images, torch.device("cpu"), True)
         stats = train_one_epoch(state.model, features,
-                                shuffled_batches(len(images), 16, state.generator),
+                                epoch_batches(len(images), 16, seed=0, epoch=state.epoch),
                                 state.optimizer, cfg, state.generator)
         state.epoch += 1
         state.history.append(stats)
@@ -185,3 +187,19 @@ def test_a_student_trained_with_synced_batchnorm_loads_as_the_plain_model(tmp_pa
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in loaded.modules())
     for key, value in loaded.trainable_state_dict().items():
         assert torch.equal(value, trained[key]), key
+
+
+def test_a_checkpoint_loads_with_the_normalisation_it_was_trained_with(saved):
+    # A checkpoint records its teacher's normalisation; loading uses the record, not today's
+    # default for its config (which may have changed since, as timm's configs did for hub
+    # teachers).
+    directory, _ = saved
+    meta_path = directory / META_FILE
+    meta = json.loads(meta_path.read_text())
+    assert meta["config"]["teacher"]["mean"] is None
+    meta["teacher"]["mean"], meta["teacher"]["std"] = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]
+    meta_path.write_text(json.dumps(meta))
+    loaded, _ = load_model(directory)
+    assert loaded.teacher.mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert loaded.teacher.std.flatten().tolist() == pytest.approx([0.4, 0.5, 0.6])
+

@@ -170,7 +170,8 @@ def test_photo_texture_train_and_test_regions_are_disjoint():
 def test_photo_defect_masks_cover_exactly_what_changed(defect: str):
     from scipy import ndimage
 
-    from memkd_ray.data.photos import DEVELOPMENT_SOURCES, paint_defect, read_photo
+    from memkd_ray.data.photo_defects import paint_defect
+    from memkd_ray.data.photos import DEVELOPMENT_SOURCES, read_photo
 
     photo = read_photo(DEVELOPMENT_SOURCES[3].path)  # fundus: colour, textured
     donor = read_photo("package:skimage.data/astronaut.png")

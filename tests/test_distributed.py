@@ -20,12 +20,13 @@ import pytest
 
 from memkd_ray.cli import main
 from memkd_ray.data.synthetic import generate_benchmark
-from memkd_ray.distributed import launcher
+from memkd_ray.distributed import cluster, console, ray_compat
 from memkd_ray.distributed.launcher import train_benchmark
+from memkd_ray.distributed.worker import train_loop_per_worker
 from memkd_ray.errors import UserInputError
 from memkd_ray.eval_record import RECORD_FILES
 from memkd_ray.metrics import METRIC_KEYS
-from memkd_ray.storage.uri import open_storage
+from memkd_ray.storage import open_storage
 from tests.conftest import CONFIGS, S3_SECRET, assert_no_secret, fast_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -94,13 +95,36 @@ def test_file_storage_queues_categories_beyond_the_cluster(tmp_path):
         assert row["checkpoint_uri"] == checkpoint.as_uri()
 
 
+def dies_in_epoch_2(loop_config: dict) -> object:
+    """The production worker loop, whose rank 0 dies hard (no exception, no cleanup) 5 s into
+    epoch 2 of its first attempt, as a crashed node would. Ray Train's controller registers a
+    reported checkpoint when it next polls the workers (every 2 s by default), so the delay
+    lets epoch 1's checkpoint be registered first."""
+    import os
+    import time
+
+    import ray.train
+
+    report = ray.train.report
+    first_attempt = ray.train.get_checkpoint() is None
+
+    def report_then_die(metrics: dict, *args: object, **kwargs: object) -> None:
+        report(metrics, *args, **kwargs)
+        if (first_attempt and metrics["epoch"] == 1
+                and ray.train.get_context().get_world_rank() == 0):
+            time.sleep(5.0)
+            os._exit(1)
+
+    ray.train.report = report_then_die
+    return train_loop_per_worker(loop_config)
+
+
 def test_killed_worker_resumes_from_its_last_checkpoint(synth_root, tmp_path):
     messages: list[str] = []
     cfg = _config(synth_root, "train.epochs=3", "train.checkpoint_every=1",
                   "distributed.workers_per_category=2")
     summary = train_benchmark(cfg, ["stripes"], str(tmp_path / "store"),
-                              fault={"fail_at_epoch": 2, "mode": "exit"},
-                              on_message=messages.append)
+                              train_loop=dies_in_epoch_2, on_message=messages.append)
     (row,) = summary.rows
     assert row["status"] == "ok" and row["epochs"] == 3
     checkpoint = Path(row["checkpoint_uri"].removeprefix("file://"))
@@ -177,7 +201,7 @@ def test_a_category_the_cluster_cannot_place_fails_after_the_timeout(synth_root,
                                                                      monkeypatch):
     # Joined to a cluster (which may be autoscaling), a GPU category on CPU-only nodes waits,
     # says what for, and fails once distributed.placement_timeout_s has passed.
-    monkeypatch.setattr(launcher, "WAIT_NOTICE_S", 1.0)
+    monkeypatch.setattr(console, "WAIT_NOTICE_S", 1.0)
     monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", raising=False)
     cfg = _config(synth_root, "distributed.gpus_per_worker=1",
                   "distributed.placement_timeout_s=5", "train.epochs=1")
@@ -198,9 +222,29 @@ def test_a_category_the_cluster_cannot_place_fails_after_the_timeout(synth_root,
     assert not (tmp_path / "local").exists()
 
 
+def starts_slowly(loop_config: dict) -> object:
+    """The production worker loop, 4 s late: workers placed but still starting up (importing,
+    loading), as on a busy 2-core machine."""
+    import time
+
+    time.sleep(4.0)
+    return train_loop_per_worker(loop_config)
+
+
+def test_placed_workers_that_start_slowly_are_not_waiting_for_resources(synth_root, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setattr(console, "WAIT_NOTICE_S", 1.0)
+    messages: list[str] = []
+    summary = train_benchmark(_config(synth_root, "train.epochs=1"), ["mesh"],
+                              f"file://{tmp_path / 'store'}", train_loop=starts_slowly,
+                              on_message=messages.append)
+    assert [row["status"] for row in summary.rows] == ["ok"]
+    assert not any("waiting for resources" in m for m in messages), messages
+
+
 RAYLET_NOISE = """
 import sys, ray
-from memkd_ray.distributed.launcher import connect
+from memkd_ray.distributed.cluster import connect
 connect()
 @ray.remote(num_cpus=0)
 class Idle:
@@ -221,18 +265,18 @@ def test_raylet_messages_stay_off_stdout():
                             text=True, timeout=300, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == "result\n"
-    assert launcher.WORKER_POOL_WARNING not in result.stderr
+    assert ray_compat.WORKER_POOL_WARNING not in result.stderr
     session = Path(result.stderr.strip().splitlines()[-1])
-    assert launcher.WORKER_POOL_WARNING in (session / "logs" / "raylet.out").read_text()
+    assert ray_compat.WORKER_POOL_WARNING in (session / "logs" / "raylet.out").read_text()
 
 
 def test_a_shared_storage_check_leaves_nothing_behind(tmp_path):
     # Every node of this cluster sees the driver's disk: accepted, and the directories the
     # check had to create for its marker are gone again.
-    launcher.check_storage_reaches_every_node(open_storage(str(tmp_path / "new" / "store")))
+    cluster.check_storage_reaches_every_node(open_storage(str(tmp_path / "new" / "store")))
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "store").mkdir()
-    launcher.check_storage_reaches_every_node(open_storage(str(tmp_path / "store")))
+    cluster.check_storage_reaches_every_node(open_storage(str(tmp_path / "store")))
     assert list((tmp_path / "store").iterdir()) == []
 
 
@@ -241,14 +285,14 @@ def test_training_outlives_its_progress_queue(synth_root, tmp_path, monkeypatch)
     # the category still trains every epoch and ends ok, and the console says what was lost.
     from ray.util.state import list_actors
 
-    make_queue = launcher.Queue
-    queues: list[launcher.Queue] = []
+    make_queue = console.Queue
+    queues: list[console.Queue] = []
 
-    def recorded_queue(**options: dict) -> launcher.Queue:
+    def recorded_queue(**options: dict) -> console.Queue:
         queues.append(make_queue(**options))
         return queues[-1]
 
-    monkeypatch.setattr(launcher, "Queue", recorded_queue)
+    monkeypatch.setattr(console, "Queue", recorded_queue)
     messages: list[str] = []
 
     def kill_the_queue_once(message: str) -> None:

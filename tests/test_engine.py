@@ -6,16 +6,13 @@ import torch
 
 from memkd_ray.data import read_category
 from memkd_ray.data.datasets import load_training_images
-from memkd_ray.engine import (
-    TrainingFeatures,
-    epoch_bound,
+from memkd_ray.engine import TrainingFeatures, epoch_bound, make_optimizer, train_one_epoch
+from memkd_ray.engine.optimization import (
+    epoch_batches,
     exemplar_indices,
     learning_rate,
-    make_optimizer,
-    shuffled_batches,
     start_epoch,
     steps_per_epoch,
-    train_one_epoch,
     with_training_budget,
 )
 from memkd_ray.model import create_memkd
@@ -31,9 +28,9 @@ def _epoch_losses(synth_root, cache: bool, epochs: int = 2) -> list[dict]:
     images = load_training_images(read_category("synthetic", synth_root, "stripes").train, 128)
     features = TrainingFeatures(model.teacher, images, torch.device("cpu"), cache=cache)
     return [
-        train_one_epoch(model, features, shuffled_batches(len(images), 16, generator), optimizer,
+        train_one_epoch(model, features, epoch_batches(len(images), 16, 0, epoch), optimizer,
                         cfg, generator)
-        for _ in range(epochs)
+        for epoch in range(epochs)
     ]
 
 
@@ -45,12 +42,21 @@ def test_feature_cache_changes_speed_not_results(synth_root):
 
 
 def test_batches_cover_the_epoch_and_exemplars_are_redrawn():
-    generator = torch.Generator().manual_seed(0)
-    batches = list(shuffled_batches(61, 16, generator))
+    batches = epoch_batches(61, 16, seed=0, epoch=0)
     assert sorted(torch.cat(batches).tolist()) == list(range(61))
     assert [len(b) for b in batches] == [16, 16, 16, 13]
+    # Every epoch its own order, a function of (seed, epoch) alone: a resumed run draws the
+    # same batches as an uninterrupted one.
+    assert not torch.equal(torch.cat(batches), torch.cat(epoch_batches(61, 16, 0, 1)))
+    assert all(torch.equal(a, b) for a, b in zip(batches, epoch_batches(61, 16, 0, 0),
+                                                 strict=True))
     # A trailing batch of one is dropped: BatchNorm needs two samples.
-    assert [len(b) for b in shuffled_batches(33, 16, generator)] == [16, 16]
+    assert [len(b) for b in epoch_batches(33, 16, 0, 0)] == [16, 16]
+    # Two workers share each epoch: disjoint halves of equal length (the sampler pads).
+    halves = [torch.cat(epoch_batches(60, 8, 0, 3, rank, 2)) for rank in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == 30
+    assert sorted(torch.cat(halves).tolist()) == list(range(60))
+    generator = torch.Generator().manual_seed(0)
     draws = [exemplar_indices(60, 16, generator) for _ in range(3)]
     assert all(len(d) == 16 and len(set(d.tolist())) == 16 and d.max() < 60 for d in draws)
     assert not torch.equal(draws[0], draws[1])
@@ -58,9 +64,8 @@ def test_batches_cover_the_epoch_and_exemplars_are_redrawn():
 
 
 def test_a_step_budget_sets_the_epochs_from_the_training_set_size():
-    generator = torch.Generator().manual_seed(0)
     for count in (1, 2, 15, 16, 17, 33, 61, 80):
-        assert steps_per_epoch(count, 16) == len(list(shuffled_batches(count, 16, generator)))
+        assert steps_per_epoch(count, 16) == len(epoch_batches(count, 16, 0, 0))
     cfg = fast_config("train.steps=600", "train.epochs=3")
     assert with_training_budget(cfg, 80).train.epochs == 120  # 5 steps per epoch
     assert with_training_budget(cfg, 300).train.epochs == 32  # ceil(600 / 19)

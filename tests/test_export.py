@@ -15,34 +15,22 @@ import pytest
 import skimage
 import torch
 
-from memkd_ray.checkpoint import META_FILE, load_model
+from memkd_ray.checkpoint import load_model
+from memkd_ray.checkpoint_format import META_FILE
 from memkd_ray.cli import main
 from memkd_ray.data.sample import Sample
 from memkd_ray.deploy import export as export_module
 from memkd_ray.deploy.export import PARITY_TOLERANCE, export_onnx
 from memkd_ray.deploy.runtime import ONNX_FILE, OnnxScorer
 from memkd_ray.engine import predict_maps
+from memkd_ray.files import sha256_file
 from memkd_ray.storage.registry import fetch_checkpoint
-from memkd_ray.storage.uri import sha256_file
+from tests.conftest import WITHOUT_TORCH
 
 # Real photographs the models never saw (none of the images reserved for the independent check).
 PHOTOS = [Path(skimage.data_dir) / name for name in
           ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")]
 REFERENCE = "registry:synthetic/stripes"
-# `memkd-ray ...` in a Python where importing torch, torchvision or timm fails: a line PC
-# with ONNX Runtime and no deep-learning framework.
-WITHOUT_TORCH = """
-import importlib.abc, sys
-class NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "timm"):
-            raise ImportError(name + " is not installed on this line PC")
-sys.meta_path.insert(0, NoTorch())
-from memkd_ray.cli import main
-code = main(sys.argv[1:])
-assert "torch" not in sys.modules
-sys.exit(code)
-"""
 
 
 def cli(*argv: str) -> subprocess.CompletedProcess:

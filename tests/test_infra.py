@@ -468,9 +468,9 @@ def registry_with_mesh(tmp_path_factory: pytest.TempPathFactory) -> str:
     from memkd_ray.checkpoint import save_checkpoint
     from memkd_ray.metrics import METRIC_KEYS
     from memkd_ray.model import create_memkd
+    from memkd_ray.storage import open_storage
     from memkd_ray.storage.layout import RunLayout, write_results
     from memkd_ray.storage.registry import Registry
-    from memkd_ray.storage.uri import open_storage
 
     root = tmp_path_factory.mktemp("registry")
     cfg = fast_config()

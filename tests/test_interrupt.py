@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from memkd_ray.distributed import launcher
-from memkd_ray.distributed.launcher import Interruption
+from memkd_ray.distributed.console import Interruption
 from memkd_ray.metrics import METRIC_KEYS
 from tests.conftest import CONFIGS, FAST_OVERRIDES
 
@@ -53,7 +53,7 @@ def test_a_stop_request_starts_no_more_categories_and_waits_a_bounded_time(monke
         return {"category": name}
 
     began = time.monotonic()
-    rows = launcher._run_categories(["a", "b", "c", "d"], 2, interruption,
+    rows = launcher.run_in_threads(["a", "b", "c", "d"], 2, interruption,
                                     lambda: stops.append(True), lambda _: None, run)
     release.set()
     assert time.monotonic() - began < 10

@@ -90,6 +90,22 @@ def test_offline_lite0_weights_map_positionally_onto_timm():
     assert teacher.mean.flatten().tolist() == [0.5, 0.5, 0.5]
 
 
+@pytest.mark.parametrize(("name", "expected"), [
+    ("tf_efficientnet_lite0.in1k", ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))),  # a TensorFlow port
+    ("efficientnet_lite0", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
+])
+def test_a_hub_teacher_normalises_as_timms_pretrained_config_says(name, expected):
+    # `none` builds the architecture without downloading; the hub weights would be the ones
+    # this config describes.
+    teacher = Teacher(name, "none")
+    mean, std = expected
+    assert teacher.mean.flatten().tolist() == pytest.approx(mean)
+    assert teacher.std.flatten().tolist() == pytest.approx(std)
+    images = torch.full((1, 3, 32, 32), 0.5)
+    assert torch.allclose(teacher.normalise(images), (images - torch.tensor(mean).view(1, 3, 1, 1))
+                          / torch.tensor(std).view(1, 3, 1, 1))
+
+
 def test_mismatched_weights_file_fails_loudly(tmp_path):
     from safetensors.torch import save_file
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,10 +17,10 @@ from memkd_ray.cli import main
 from memkd_ray.errors import CheckpointError, UserInputError
 from memkd_ray.metrics import METRIC_KEYS
 from memkd_ray.model import create_memkd
+from memkd_ray.storage import open_storage, plain_name
 from memkd_ray.storage.layout import RunLayout, write_results
 from memkd_ray.storage.registry import Registry, fetch_checkpoint
-from memkd_ray.storage.uri import open_storage, plain_name
-from tests.conftest import S3_SECRET, fast_config
+from tests.conftest import S3_SECRET, WITHOUT_TORCH, fast_config
 
 CATEGORY = "mesh"
 
@@ -229,3 +231,19 @@ def test_the_run_id_is_read_below_the_storage_root_even_one_named_runs(model_and
     storage_uri = f"file://{tmp_path / 'runs' / 'team'}"
     uri = publish_run(storage_uri, "run-r", 0.9, model_and_config, tmp_path)
     assert Registry(open_storage(storage_uri)).card(uri)["run_id"] == "run-r"
+
+
+def test_browsing_the_registry_and_the_runs_needs_no_torch(model_and_config, tmp_path):
+    # A laptop with the package but no torch lists and inspects what a cluster trained.
+    store = f"file://{tmp_path / 'store'}"
+    uri = publish_run(store, "run-a", 0.9, model_and_config, tmp_path)
+    assert Registry(open_storage(store)).promote(uri).promoted
+    for argv, expected in [(["models", "list"], "run-a"),
+                           (["models", "show", f"synthetic/{CATEGORY}"], '"config_hash"'),
+                           (["runs", "list"], "run-a"),
+                           (["runs", "show", "run-a"], CATEGORY)]:
+        result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *argv, "--storage", store],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, (argv, result.stderr[-2000:])
+        assert expected in result.stdout, argv
+

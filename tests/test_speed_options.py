@@ -27,7 +27,6 @@ from memkd_ray.engine import (
     evaluate,
     feature_cache_bytes,
     fit,
-    make_optimizer,
     place_model,
     resolve_precision,
     training_features,
@@ -47,12 +46,10 @@ CPU = torch.device("cpu")
 
 
 def _train(synth_root, *overrides: str) -> tuple[TrainState, Evaluation]:
+    """A category trained by the epoch driver that every `memkd-ray train` worker runs."""
     cfg = fast_config(f"train.epochs={EPOCHS}", *overrides)
-    torch.manual_seed(0)
-    model = create_memkd(cfg)
-    state = TrainState(model, make_optimizer(model, cfg), torch.Generator().manual_seed(0))
-    data = read_category("synthetic", synth_root, CATEGORY)
-    return state, fit(state, data, cfg, CPU, progress=False)
+    training = fit(cfg, read_category("synthetic", synth_root, CATEGORY), CPU)
+    return training.state, training.evaluation
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +176,7 @@ def test_speed_keys_parse_yaml_switches_and_reject_unknown_values():
 )
 def test_cache_placement_on_cuda_follows_free_memory(monkeypatch, setting, budget, free,
                                                      expected):
-    import memkd_ray.engine as engine
+    import memkd_ray.engine.features as engine
 
     teacher = create_memkd(fast_config()).teacher
     # The cache of 60 images at 128 px in bfloat16 (auto precision on a bf16 GPU).

@@ -8,6 +8,8 @@ import math
 import os
 import shutil
 import signal
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +19,13 @@ import pytest
 from memkd_ray.cli import main
 from memkd_ray.data import read_category
 from memkd_ray.data.validation import make_validation_split
-from memkd_ray.distributed.tune import (
-    SearchInterrupted,
-    load_search_space,
-    mark_selected,
-    tune_benchmark,
-)
+from memkd_ray.distributed.search_space import load_search_space
+from memkd_ray.distributed.tune import SearchInterrupted, mark_selected, tune_benchmark
+from memkd_ray.distributed.worker import train_loop_per_worker
 from memkd_ray.errors import ConfigError
 from memkd_ray.metrics import METRIC_KEYS, percent
 from memkd_ray.report import write_report
-from memkd_ray.storage.uri import open_storage
+from memkd_ray.storage import open_storage
 from tests.conftest import CONFIGS, assert_no_secret, fast_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -83,26 +82,55 @@ def test_search_space_keys_are_checked_against_the_config(tmp_path):
         load_search_space(str(bad))
 
 
+def _reads_of(root: Path) -> tuple[str, ...]:
+    return (str(root / "test"), str(root / "ground_truth"))
+
+
+def _test_split_access(hidden: tuple[str, ...], event: str, args: tuple) -> bool:
+    """Whether an audit event opens or lists something under `hidden`."""
+    if event not in ("open", "os.listdir", "os.scandir") or not args:
+        return False
+    path = args[0]
+    return isinstance(path, (str, bytes, os.PathLike)) and os.fsdecode(path).startswith(hidden)
+
+
+def never_reads_the_test_split(loop_config: dict) -> object:
+    """The production worker loop in a process where opening or listing anything under the
+    category's test split raises: a trial that looked at it would fail."""
+    import sys
+
+    from memkd_ray.config import from_dict
+
+    root = Path(from_dict(loop_config["config"]).data.root) / loop_config["category"]
+    hidden = _reads_of(root)
+
+    def refuse(event: str, args: tuple) -> None:
+        if _test_split_access(hidden, event, args):
+            raise PermissionError(f"{event} {args[0]}: the test split during a search")
+
+    sys.addaudithook(refuse)
+    return train_loop_per_worker(loop_config)
+
+
 def test_asha_search_on_s3_selects_without_reading_the_test_split(one_category, s3_endpoint):
-    # The test split is physically absent while trials run; it comes back only once the
-    # search has selected (the hook runs between selection and the one test evaluation).
-    hidden = one_category.parent / "hidden"
-    hidden.mkdir()
-    for part in ("test", "ground_truth"):
-        shutil.move(one_category / "mesh" / part, hidden / part)
-    seen_at_selection = {}
-
-    def restore_test_split(selected: dict) -> None:
-        seen_at_selection.update({c: dict(row) for c, row in selected.items()})
-        for part in ("test", "ground_truth"):
-            shutil.move(hidden / part, one_category / "mesh" / part)
-
-    messages: list[str] = []
-    summary = tune_benchmark(_config(one_category), ["mesh"], "s3://memkd-test/tune",
-                             SPACE, samples=4, scheduler="asha", max_concurrent=2,
-                             on_message=messages.append, on_selected=restore_test_split)
-    assert list(seen_at_selection) == ["mesh"]
-    assert all(math.isnan(seen_at_selection["mesh"][f"test_{k}"]) for k in METRIC_KEYS)
+    # Trials run where any read of the test split raises; in this process, every read of it
+    # is timed, and none may come before the last trial finished (selection needs none).
+    hidden = _reads_of(one_category.resolve() / "mesh")
+    reads: list[float] = []
+    watching = [True]
+    sys.addaudithook(lambda event, args: watching[0] and _test_split_access(
+        hidden, event, args) and reads.append(time.monotonic()))
+    timed: list[tuple[float, str]] = []
+    try:
+        summary = tune_benchmark(_config(one_category), ["mesh"], "s3://memkd-test/tune",
+                                 SPACE, samples=4, scheduler="asha", max_concurrent=2,
+                                 on_message=lambda m: timed.append((time.monotonic(), m)),
+                                 train_loop=never_reads_the_test_split)
+    finally:
+        watching[0] = False
+    messages = [m for _, m in timed]
+    last_trial = max(t for t, m in timed if m.endswith(" finished"))
+    assert reads and min(reads) > last_trial
 
     key = f"tune/runs/{summary.run_id}/tune_results.parquet"
     body = s3_endpoint.get_object(Bucket="memkd-test", Key=key)["Body"].read()

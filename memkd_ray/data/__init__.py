@@ -1,14 +1,19 @@
-"""Benchmark readers producing one Sample type, the synthetic generator, torch datasets."""
+"""Benchmark readers producing one Sample type, the synthetic generator, torch datasets.
 
-from memkd_ray.data.check import check_benchmark
-from memkd_ray.data.sample import Sample, validate_samples
-from memkd_ray.data.splits import (
-    CategoryData,
+Importing the package imports every reader module, and so registers its benchmarks
+(benchmarks.py).
+"""
+
+from memkd_ray.data import eyecandies, folder, mvtec, mvtec3d, visa  # noqa: F401 (registration)
+from memkd_ray.data.benchmarks import (
     read_category,
     read_configured_category,
     reader_options,
     resolve_categories,
 )
+from memkd_ray.data.check import check_benchmark
+from memkd_ray.data.reading import CategoryData
+from memkd_ray.data.sample import Sample, validate_samples
 
 __all__ = [
     "CategoryData",

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from memkd_ray.data.splits import CategoryData, read_category, resolve_categories
+from memkd_ray.data.benchmarks import read_category, resolve_categories
+from memkd_ray.data.reading import CategoryData
 
 HEADER = ("category", "train", "test good", "test defective", "defect types")
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import yaml
 
 from memkd_ray.config import DataConfig
+from memkd_ray.data.benchmarks import Benchmark, register_benchmark
+from memkd_ray.data.reading import CategoryData, categories_with, category_dir, require_dir
 from memkd_ray.data.sample import Sample
-from memkd_ray.data.splits import CategoryData, categories_with, category_dir, require_dir
 from memkd_ray.errors import DataError
 
 DEFECTS = ("good", "anomaly")
@@ -87,3 +88,7 @@ def _anomalous(path: Path) -> int:
     if value not in (0, 1):
         raise DataError(f"{path}: no `anomalous: 0|1` field")
     return int(value)
+
+
+register_benchmark(("eyecandies",), Benchmark(list_eyecandies_categories, read_eyecandies_category,
+                                                {"light": "eyecandies_light"}))

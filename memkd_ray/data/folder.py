@@ -19,13 +19,14 @@ import random
 from pathlib import Path
 
 from memkd_ray.config import DataConfig
-from memkd_ray.data.sample import Sample
-from memkd_ray.data.splits import (
+from memkd_ray.data.benchmarks import Benchmark, register_benchmark
+from memkd_ray.data.reading import (
     CategoryData,
     categories_with,
     category_dir,
     require_images,
 )
+from memkd_ray.data.sample import Sample
 from memkd_ray.errors import DataError
 
 NORMAL, ANOMALOUS = "good", "bad"
@@ -73,3 +74,7 @@ def _mask(masks: Path, image: Path) -> Path | None:
         if (masks / name).is_file():
             return masks / name
     return None
+
+
+register_benchmark(("folder",), Benchmark(list_folder_categories, read_folder_category,
+                                            {"test_fraction": "folder_test_fraction"}))

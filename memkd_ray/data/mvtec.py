@@ -11,14 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from memkd_ray.data.sample import Sample
-from memkd_ray.data.splits import (
+from memkd_ray.data.benchmarks import Benchmark, register_benchmark
+from memkd_ray.data.reading import (
     CategoryData,
     categories_with,
     category_dir,
     require_dir,
     require_images,
 )
+from memkd_ray.data.sample import Sample
 from memkd_ray.errors import DataError
 
 NORMAL = "good"
@@ -74,3 +75,7 @@ def read_mvtec_family(
     if not test:
         raise DataError(f"{test_dir}: no test images")
     return CategoryData(benchmark, category, train, test)
+
+
+register_benchmark(("mvtec", "mpdd", "synthetic", "photos"),
+                   Benchmark(list_mvtec_categories, read_mvtec_category))

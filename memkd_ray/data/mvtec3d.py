@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from memkd_ray.data.benchmarks import Benchmark, register_benchmark
 from memkd_ray.data.mvtec import NORMAL, read_mvtec_family
-from memkd_ray.data.splits import CategoryData, categories_with
+from memkd_ray.data.reading import CategoryData, categories_with
 
 
 def list_mvtec3d_categories(root: Path) -> list[str]:
@@ -32,3 +33,6 @@ def read_mvtec3d_category(
         images_in=lambda split_dir: split_dir / "rgb",
         mask_of=lambda base, defect_dir, image: defect_dir / "gt" / f"{image.stem}.png",
     )
+
+
+register_benchmark(("mvtec3d",), Benchmark(list_mvtec3d_categories, read_mvtec3d_category))

@@ -19,8 +19,9 @@ import csv
 from collections.abc import Iterator
 from pathlib import Path
 
+from memkd_ray.data.benchmarks import Benchmark, register_benchmark
+from memkd_ray.data.reading import CategoryData
 from memkd_ray.data.sample import Sample
-from memkd_ray.data.splits import CategoryData
 from memkd_ray.errors import DataError
 
 SPLIT_FILE = Path("split_csv") / "1cls.csv"
@@ -88,3 +89,6 @@ def _listed_file(root: Path, relative: str, what: str, where: str) -> Path:
     if not path.is_file():
         raise DataError(f"{path}: {what} listed in {where} not found")
     return path
+
+
+register_benchmark(("visa",), Benchmark(list_visa_categories, read_visa_category))

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from memkd_ray import __version__
-from memkd_ray.checkpoint import META_FILE, load_model
+from memkd_ray.checkpoint import load_model
+from memkd_ray.checkpoint_format import META_FILE
 from memkd_ray.deploy.runtime import (
     INPUT_NAME,
     ONNX_FILE,
@@ -32,9 +33,9 @@ from memkd_ray.deploy.runtime import (
     to_pixels,
 )
 from memkd_ray.errors import UserInputError, VerificationError
+from memkd_ray.files import sha256_file
 from memkd_ray.model import AnomalyScorer, create_scorer
 from memkd_ray.predictions import prediction_samples
-from memkd_ray.storage.uri import sha256_file
 
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = 18

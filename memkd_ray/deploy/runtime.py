@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from memkd_ray.errors import CheckpointError, UserInputError
+from memkd_ray.files import sha256_file
 from memkd_ray.predictions import prediction_samples, write_predictions
-from memkd_ray.storage.uri import sha256_file
 
 ONNX_FILE = "model.onnx"
 SIDECAR_FORMAT = "memkd-ray-onnx"

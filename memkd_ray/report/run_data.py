@@ -3,20 +3,15 @@ teacher, version, loss history) and the test evaluation records (eval_record.py)
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from memkd_ray.checkpoint import META_FILE, parse_checkpoint_meta
+from memkd_ray.checkpoint_format import META_FILE, parse_checkpoint_meta
 from memkd_ray.errors import UserInputError
 from memkd_ray.eval_record import RECORD_DIR, RECORD_FILES, EvalRecord, decode_eval_record
 from memkd_ray.metrics import METRIC_KEYS
-from memkd_ray.storage.layout import RESULTS_FILE, RunLayout
-from memkd_ray.storage.uri import Storage
-
-TUNE_RESULTS_FILE = "tune_results.parquet"
+from memkd_ray.storage import Storage
+from memkd_ray.storage.layout import RunLayout, read_table
 
 
 @dataclass
@@ -56,16 +51,15 @@ def read_run(storage: Storage, run_id: str) -> RunData:
     record (written before records existed) is shown without curves and examples.
     """
     layout = RunLayout(storage, run_id)
-    train_path = layout.results_path
-    tune_path = f"{layout.run_dir}/{TUNE_RESULTS_FILE}"
+    train_path, tune_path = layout.results_path, layout.tune_results_path
     if storage.exists(train_path):
         kind, path = "train", train_path
     elif storage.exists(tune_path):
         kind, path = "tune", tune_path
     else:
-        raise UserInputError(f"run {run_id}: no {RESULTS_FILE} or {TUNE_RESULTS_FILE} under "
-                             f"{storage.uri}")
-    rows = pq.read_table(io.BytesIO(storage.read_bytes(path))).to_pylist()
+        names = " or ".join(p.rsplit("/", 1)[1] for p in (train_path, tune_path))
+        raise UserInputError(f"run {run_id}: no {names} under {storage.uri}")
+    rows = read_table(storage, path)
     if kind == "train":
         shown = [(row, {key: row[key] for key in METRIC_KEYS}) for row in rows]
     else:  # the selected trial of each category, with its one test evaluation, and the

@@ -1,21 +1,74 @@
-"""The storage layout of DESIGN.md 6, identical under `file://` and `s3://`.
+"""The storage layout, identical under every backend, and the one schema of each results table.
 
     <root>/runs/<run_id>/<benchmark>/<category>/...   Ray Train run dirs and checkpoints
-    <root>/runs/<run_id>/results.parquet              one row per category
+    <root>/runs/<run_id>/train_spec.json | tune_spec.json   the request, for --resume
+    <root>/runs/<run_id>/results.parquet              train: one row per category
+    <root>/runs/<run_id>/tune_results.parquet         tune: one row per trial
+    <root>/runs/<run_id>/report/                      the run report
+    <root>/registry/<benchmark>/<category>/best.json          pointer + model card
+    <root>/registry/<benchmark>/<category>/claims/<id>.json   one per promotion, immutable
+    <root>/registry/<benchmark>/<category>/history.parquet    every promotion, oldest first
+
+Every file name of the store is here; other modules ask a layout for paths.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import secrets
 from datetime import datetime, timezone
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memkd_ray.storage.uri import NAME, Storage, StorageError, plain_name
+from memkd_ray.metrics import METRIC_KEYS
+from memkd_ray.storage.base import NAME, Storage, StorageError, plain_name
 
-RESULTS_FILE = "results.parquet"
+RESULTS_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("benchmark", pa.string()), ("category", pa.string()),
+    ("config_hash", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    *((key, pa.float64()) for key in METRIC_KEYS),
+    ("epochs", pa.int64()), ("workers", pa.int64()), ("wall_seconds", pa.float64()),
+    ("checkpoint_uri", pa.string()),
+])
+"""results.parquet: `status` is ok, failed (with `error`) or interrupted."""
+
+
+HISTORY_SCHEMA = pa.schema([
+    ("promoted_at", pa.string()), ("claim", pa.string()), ("run_id", pa.string()),
+    ("checkpoint_uri", pa.string()), ("sha256", pa.string()), ("forced", pa.bool_()),
+    *((key, pa.float64()) for key in METRIC_KEYS),
+])
+"""A registry entry's history.parquet: one row per promotion, oldest first."""
+
+
+def tune_results_schema(params: list[str], validation: bool) -> pa.Schema:
+    """tune_results.parquet: a search's fixed columns, `param.<key>` per searched key (typed by
+    its values), validation metrics when selecting on validation, and test metrics."""
+    fixed = [("run_id", pa.string()), ("benchmark", pa.string()), ("category", pa.string()),
+             ("trial_id", pa.string()), ("status", pa.string()), ("epochs", pa.int64()),
+             ("selected_on", pa.string()), ("selection_metric", pa.string()),
+             ("selection_value", pa.float64()), ("selection_tiebreak", pa.float64())]
+    prefixes = ["val_", "test_"] if validation else ["test_"]
+    return pa.schema([*fixed, *((f"param.{key}", pa.null()) for key in params),
+                      *((f"{prefix}{key}", pa.float64()) for prefix in prefixes
+                        for key in METRIC_KEYS),
+                      ("checkpoint_uri", pa.string()), ("selected", pa.bool_()),
+                      ("is_default", pa.bool_())])
+
+
+def results_row(run_id: str, benchmark: str, category: str, config_hash: str,
+                status: str, **values: Any) -> dict[str, Any]:
+    """A results.parquet row; what `values` leaves out is empty (no metrics, no checkpoint)."""
+    empty = {"error": "", **dict.fromkeys(METRIC_KEYS, math.nan), "epochs": 0, "workers": 0,
+             "wall_seconds": 0.0, "checkpoint_uri": ""}
+    unknown = set(values) - set(empty)
+    if unknown:
+        raise ValueError(f"not a results column: {sorted(unknown)[0]}")
+    return {"run_id": run_id, "benchmark": benchmark, "category": category,
+            "config_hash": config_hash, "status": status, **empty, **values}
 
 
 def new_run_id() -> str:
@@ -23,11 +76,21 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
+def runs_dir(storage: Storage) -> str:
+    """`<root>/runs`, where every run has its directory."""
+    return storage.path("runs")
+
+
 class RunLayout:
     def __init__(self, storage: Storage, run_id: str) -> None:
         self.storage = storage
         self.run_id = plain_name("run id", run_id)
-        self.run_dir = storage.path("runs", run_id)
+        self.run_dir = f"{runs_dir(storage)}/{run_id}"
+        self.train_spec_path = f"{self.run_dir}/train_spec.json"
+        self.tune_spec_path = f"{self.run_dir}/tune_spec.json"
+        self.results_path = f"{self.run_dir}/results.parquet"
+        self.tune_results_path = f"{self.run_dir}/tune_results.parquet"
+        self.report_dir = f"{self.run_dir}/report"
 
     @classmethod
     def create(cls, storage: Storage) -> RunLayout:
@@ -42,27 +105,55 @@ class RunLayout:
         """Where Ray Train puts one run directory per category (`RunConfig.storage_path`)."""
         return f"{self.run_dir}/{plain_name('benchmark', benchmark)}"
 
-    @property
-    def results_path(self) -> str:
-        return f"{self.run_dir}/{RESULTS_FILE}"
+
+def registry_dir(storage: Storage, benchmark: str | None = None) -> str:
+    """`<root>/registry[/<benchmark>]` (the name checked: none leads elsewhere)."""
+    return storage.path("registry", *([benchmark] if benchmark else []))
 
 
-def write_results(layout: RunLayout, rows: list[dict]) -> str:
-    """Write results.parquet atomically; returns its URI."""
+class RegistryLayout:
+    """One category's registry entry: `best.json` (the pointer and model card), `claims/`
+    (one immutable record per promotion) and `history.parquet` (every promotion)."""
+
+    BEST_FILE = "best.json"
+
+    def __init__(self, storage: Storage, benchmark: str, category: str) -> None:
+        self.dir = f"{registry_dir(storage, benchmark)}/{plain_name('category', category)}"
+        self.best_path = f"{self.dir}/{self.BEST_FILE}"
+        self.claims_dir = f"{self.dir}/claims"
+        self.history_path = f"{self.dir}/history.parquet"
+
+
+def write_table(storage: Storage, path: str, rows: list[dict[str, Any]],
+                schema: pa.Schema) -> str:
+    """Rows as one Parquet object of `schema`, written atomically; returns its URI. Columns
+    typed null in `schema` take the type of their values."""
+    columns = {field.name: [row.get(field.name) for row in rows] for field in schema}
+    table = pa.table({name: pa.array(values, type=None if schema.field(name).type == pa.null()
+                                     else schema.field(name).type)
+                      for name, values in columns.items()})
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
-    layout.storage.write_bytes(layout.results_path, buffer.getvalue())
-    return layout.storage.uri_for(layout.results_path)
+    pq.write_table(table, buffer)
+    storage.write_bytes(path, buffer.getvalue())
+    return storage.uri_for(path)
 
 
-def read_results(layout: RunLayout) -> list[dict]:
-    data = layout.storage.read_bytes(layout.results_path)
-    return pq.read_table(io.BytesIO(data)).to_pylist()
+def read_table(storage: Storage, path: str) -> list[dict[str, Any]]:
+    return pq.read_table(io.BytesIO(storage.read_bytes(path))).to_pylist()
+
+
+def write_results(layout: RunLayout, rows: list[dict[str, Any]]) -> str:
+    """results.parquet, atomically; returns its URI."""
+    return write_table(layout.storage, layout.results_path, rows, RESULTS_SCHEMA)
+
+
+def read_results(layout: RunLayout) -> list[dict[str, Any]]:
+    return read_table(layout.storage, layout.results_path)
 
 
 def list_runs(storage: Storage) -> list[tuple[str, list[dict]]]:
     """(run id, results rows) of every run that has a results.parquet, oldest first."""
-    layouts = [RunLayout(storage, run_id) for run_id in storage.children(storage.path("runs"))
+    layouts = [RunLayout(storage, run_id) for run_id in storage.children(runs_dir(storage))
                if NAME.fullmatch(run_id)]  # not a stray file beside the runs
     return [(layout.run_id, read_results(layout)) for layout in layouts
             if storage.exists(layout.results_path)]

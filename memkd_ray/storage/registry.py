@@ -1,8 +1,5 @@
-"""Model registry on the run storage: the best checkpoint per benchmark/category.
-
-    <root>/registry/<benchmark>/<category>/best.json          pointer + model card
-    <root>/registry/<benchmark>/<category>/claims/<id>.json   one per promotion, immutable
-    <root>/registry/<benchmark>/<category>/history.parquet    every promotion, oldest first
+"""Model registry on the run storage: the best checkpoint per benchmark/category, in the
+entries of layout.RegistryLayout (best.json, claims/, history.parquet).
 
 Concurrency: write-then-verify, not S3 conditional writes. Conditional PUTs (If-Match /
 If-None-Match) are atomic on AWS S3 but not on every S3-compatible endpoint (moto's server, for
@@ -18,7 +15,6 @@ its sha256 checked, so best.json never points to a missing or partial checkpoint
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -31,22 +27,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from memkd_ray.checkpoint import (
+from memkd_ray.checkpoint_format import (
+    INFERENCE_FILES,
     META_FILE,
     WEIGHTS_FILE,
     parse_checkpoint_meta,
-    read_checkpoint,
+    verify_checkpoint_dir,
 )
 from memkd_ray.config import from_dict
 from memkd_ray.errors import CheckpointError, UserInputError
 from memkd_ray.metrics import METRIC_KEYS
-from memkd_ray.storage.layout import RunLayout, read_results
-from memkd_ray.storage.uri import Storage, open_storage, plain_name
+from memkd_ray.storage import Storage, open_object, open_storage, plain_name
+from memkd_ray.storage.layout import (
+    HISTORY_SCHEMA,
+    RegistryLayout,
+    RunLayout,
+    read_results,
+    read_table,
+    registry_dir,
+    runs_dir,
+    write_table,
+)
 
-INFERENCE_FILES = (META_FILE, WEIGHTS_FILE)
 DEFAULT_METRIC = "image_auroc"
 DEFAULT_TIEBREAK = "pixel_aupro"
 MAX_SETTLE_PASSES = 50
@@ -71,29 +73,30 @@ class Registry:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
-    def _dir(self, benchmark: str, category: str) -> str:
-        # Storage.path refuses a name that leads elsewhere (a card's from checkpoint.json too).
-        return self.storage.path("registry", benchmark, category)
+    def _entry(self, benchmark: str, category: str) -> RegistryLayout:
+        # Names are checked: one that leads elsewhere (a card's from checkpoint.json too) fails.
+        return RegistryLayout(self.storage, benchmark, category)
 
     # Reading -----------------------------------------------------------------------------
 
     def best(self, benchmark: str, category: str) -> dict[str, Any] | None:
-        path = f"{self._dir(benchmark, category)}/best.json"
+        path = self._entry(benchmark, category).best_path
         if not self.storage.exists(path):
             return None
         return _parse_card(self.storage.read_bytes(path), self.storage.uri_for(path))
 
     def list(self, benchmark: str | None = None) -> list[dict[str, Any]]:
         """The best card of every benchmark/category (of one benchmark if given)."""
-        root = self.storage.path("registry", *([benchmark] if benchmark else []))
-        paths = [p for p in self.storage.list_files(root) if p.endswith("/best.json")]
+        root = registry_dir(self.storage, benchmark)
+        paths = [p for p in self.storage.list_files(root)
+                 if p.endswith(f"/{RegistryLayout.BEST_FILE}")]
         return [_parse_card(self.storage.read_bytes(p), self.storage.uri_for(p)) for p in paths]
 
     def history(self, benchmark: str, category: str) -> list[dict[str, Any]]:
-        path = f"{self._dir(benchmark, category)}/history.parquet"
+        path = self._entry(benchmark, category).history_path
         if not self.storage.exists(path):
             return []
-        return pq.read_table(io.BytesIO(self.storage.read_bytes(path))).to_pylist()
+        return read_table(self.storage, path)
 
     # Promotion ---------------------------------------------------------------------------
 
@@ -110,7 +113,7 @@ class Registry:
         parts = base.split("/")
         # The run id is the component after this storage's own runs/ (the root itself may
         # hold a "runs" folder name); a checkpoint outside runs/ has none.
-        runs = self.storage.path("runs") + "/"
+        runs = runs_dir(self.storage) + "/"
         run_id = base.removeprefix(runs).split("/", 1)[0] if base.startswith(runs) else ""
         return {
             "benchmark": config["data"]["benchmark"],
@@ -156,31 +159,32 @@ class Registry:
         claim_id = f"{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
         claim = {**candidate, "claim": claim_id, "forced": force, "metric": metric,
                  "tiebreak": tiebreak, "promoted_at": now.isoformat(timespec="seconds")}
-        claim_path = f"{self._dir(benchmark, category)}/claims/{claim_id}.json"
-        self.storage.write_bytes(claim_path, _dump(claim))
+        claims_dir = self._entry(benchmark, category).claims_dir
+        self.storage.write_bytes(f"{claims_dir}/{claim_id}.json", _dump(claim))
         best = self._settle(benchmark, category)
         return Promotion(best["claim"] == claim_id, candidate, best)
 
     def _settle(self, benchmark: str, category: str) -> dict[str, Any]:
         """Bring best.json and history.parquet in line with the claims; see module doc."""
-        base = self._dir(benchmark, category)
+        entry = self._entry(benchmark, category)
         for _ in range(MAX_SETTLE_PASSES):
             claims = self._claims(benchmark, category)
             winner = winning_claim(claims)
             wrote = False
             current = self.best(benchmark, category)
             if current is None or current.get("claim") != winner["claim"]:
-                self.storage.write_bytes(f"{base}/best.json", _dump(winner))
+                self.storage.write_bytes(entry.best_path, _dump(winner))
                 wrote = True
             if len(self.history(benchmark, category)) != len(claims):
-                self.storage.write_bytes(f"{base}/history.parquet", _history_table(claims))
+                write_table(self.storage, entry.history_path, _history_rows(claims),
+                            HISTORY_SCHEMA)
                 wrote = True
             if not wrote:
                 return winner
         raise RuntimeError(f"registry {benchmark}/{category}: promotions did not settle")
 
     def _claims(self, benchmark: str, category: str) -> list[dict[str, Any]]:
-        paths = self.storage.list_files(f"{self._dir(benchmark, category)}/claims")
+        paths = self.storage.list_files(self._entry(benchmark, category).claims_dir)
         return [json.loads(self.storage.read_bytes(p)) for p in paths if p.endswith(".json")]
 
     def read(self, path: str) -> bytes:
@@ -219,7 +223,7 @@ class Registry:
             for name in INFERENCE_FILES:
                 (staging / name).write_bytes(self.read(f"{base}/{name}"))
             try:
-                read_checkpoint(staging)
+                verify_checkpoint_dir(staging)
             except CheckpointError as exc:  # name the stored object, not our staging copy
                 raise CheckpointError(str(exc).replace(str(staging), checkpoint_uri)) from None
             if destination.exists():
@@ -258,16 +262,11 @@ def _dump(data: dict[str, Any]) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _history_table(claims: list[dict[str, Any]]) -> bytes:
-    rows = [
-        {"promoted_at": c["promoted_at"], "claim": c["claim"], "run_id": c["run_id"],
-         "checkpoint_uri": c["checkpoint_uri"], "sha256": c["sha256"], "forced": c["forced"],
-         **c["metrics"]}
-        for c in sorted(claims, key=lambda c: c["claim"])
-    ]
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
-    return buffer.getvalue()
+def _history_rows(claims: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"promoted_at": c["promoted_at"], "claim": c["claim"], "run_id": c["run_id"],
+             "checkpoint_uri": c["checkpoint_uri"], "sha256": c["sha256"],
+             "forced": c["forced"], **c["metrics"]}
+            for c in sorted(claims, key=lambda c: c["claim"])]
 
 
 _CARD_FIELDS = {"benchmark": str, "category": str, "checkpoint_uri": str, "metrics": dict,
@@ -301,12 +300,13 @@ def fetch_checkpoint(reference: str, storage_uri: str) -> Path:
         if card is None:
             raise UserInputError(f"{reference}: no model registered under {storage_uri}")
         uri = card["checkpoint_uri"]
-    elif reference.startswith("s3://"):
-        bucket = reference.removeprefix("s3://").split("/", 1)[0]
-        registry, uri = Registry(open_storage(f"s3://{bucket}")), reference.rstrip("/")
+        base = registry.storage.path_of(uri)
     else:
-        return Path(reference.removeprefix("file://"))
-    base = registry.storage.path_of(uri)
+        storage, base = open_object(reference)
+        local = storage.local_path(base)
+        if local is not None:  # a checkpoint directory here: read in place
+            return local
+        registry, uri = Registry(storage), storage.uri_for(base)
     meta_bytes = registry.read(f"{base}/{META_FILE}")
     parse_checkpoint_meta(meta_bytes, uri)
     # Keyed by the whole checkpoint.json, which holds the weights' sha256: equal weights
