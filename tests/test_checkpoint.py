@@ -203,3 +203,28 @@ def test_a_checkpoint_loads_with_the_normalisation_it_was_trained_with(saved):
     assert loaded.teacher.mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3])
     assert loaded.teacher.std.flatten().tolist() == pytest.approx([0.4, 0.5, 0.6])
 
+
+
+def test_the_newest_complete_checkpoint_is_found_by_its_digests(tmp_path: Path):
+    # What a restarted worker continues from: the newest checkpoint whose files match their
+    # sha256s, not a newer one cut short by a kill, nor one without training state.
+    import pyarrow.fs as pafs
+
+    from memkd_ray.engine import TrainState, make_optimizer
+    from memkd_ray.storage.layout import checkpoint_dir_name, newest_complete_checkpoint
+
+    cfg = fast_config()
+    model = create_memkd(cfg)
+    state = TrainState(model, make_optimizer(model, cfg), torch.Generator().manual_seed(0))
+    run_dir = tmp_path / "run" / "mesh"
+    filesystem = pafs.LocalFileSystem()
+    assert newest_complete_checkpoint(filesystem, str(run_dir)) is None
+    for epoch in (1, 2, 3):
+        state.epoch = epoch
+        save_checkpoint(run_dir / checkpoint_dir_name(epoch), model, cfg, epoch, state=state)
+    save_checkpoint(run_dir / checkpoint_dir_name(4), model, cfg, 4)  # weights only
+    (run_dir / "stray_file").write_text("x")
+    weights = run_dir / checkpoint_dir_name(3) / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:100])  # an upload cut short
+    assert newest_complete_checkpoint(filesystem, str(run_dir)) == str(
+        run_dir / checkpoint_dir_name(2))

@@ -30,8 +30,10 @@ def test_train_writes_the_storage_layout_and_results(trained_run):
         assert row["run_id"] == run_dir.name and row["benchmark"] == "synthetic"
         assert row["epochs"] == 6 and row["wall_seconds"] > 0
         assert row["status"] == "ok" and row["workers"] == 1
-        checkpoint = Path(row["checkpoint_uri"].removeprefix("file://"))
-        assert checkpoint == run_dir / "synthetic" / row["category"] / "checkpoint_epoch_0006"
+        # Stored pointers are relative to the store's root: a copied store points into itself.
+        assert row["checkpoint_uri"] == (f"runs/{run_dir.name}/synthetic/{row['category']}/"
+                                         "checkpoint_epoch_0006")
+        checkpoint = run_dir.parents[1] / row["checkpoint_uri"]
         assert {p.name for p in checkpoint.iterdir()} == {
             "model.safetensors", "checkpoint.json", "training_state.safetensors", "evaluation"}
         meta = json.loads((checkpoint / "checkpoint.json").read_text())
@@ -184,6 +186,8 @@ CKPT = "{run}/synthetic/mesh/checkpoint_epoch_0006"
         (["data", "synth", "--out", "{tmp}/file"], "--out {tmp}/file: exists and is not a"),
         (["data", "check", "--config", DEMO, "--data-root", "{tmp}/broken"],
          "{tmp}/broken/mesh/train/good/000.png: unreadable image"),
+        (["train", "--config", DEMO, "--data-root", "{tmp}/spaced"],
+         "category 'my parts': must be a plain name"),
     ],
 )
 def test_bad_input_exits_2_with_a_one_line_reason(argv, message, trained_run, synth_root,
@@ -198,6 +202,7 @@ def test_bad_input_exits_2_with_a_one_line_reason(argv, message, trained_run, sy
     broken = tmp_path / "broken" / "mesh"
     shutil.copytree(synth_root / "mesh", broken)
     (broken / "train" / "good" / "000.png").write_bytes(whole[: len(whole) // 2])
+    shutil.copytree(synth_root / "mesh", tmp_path / "spaced" / "my parts")
     before = sorted(tmp_path.rglob("*"))
     monkeypatch.chdir(tmp_path)
     values = {"tmp": str(tmp_path), "synth": str(synth_root), "run": str(trained_run[0])}
@@ -218,7 +223,8 @@ def test_data_check_takes_categories_and_overrides_like_train(synth_root, capsys
 
 
 def test_offline_config_trains_any_category_folder_names(synth_root, tmp_path, ray_cluster):
-    # A user's own MVTec-layout tree: folder names with capitals, dashes, dots and digits.
+    # A user's own MVTec-layout tree: folder names with capitals, dashes, dots and digits, and
+    # a store whose path holds a space: trained, offered to the registry and reported.
     import shutil
 
     from memkd_ray.checkpoint import load_model
@@ -226,11 +232,11 @@ def test_offline_config_trains_any_category_folder_names(synth_root, tmp_path, r
     root = tmp_path / "line"
     for source, name in (("mesh", "Line-7_A"), ("stripes", "part.B2")):
         shutil.copytree(synth_root / source, root / name)
-    store = tmp_path / "store"
+    store = tmp_path / "my store"
     fast = ["data.image_size=128", "student.bottleneck_blocks=1",
             "student.decoder_blocks=[1,1,1]", "train.steps=10"]
     argv = ["-q", "train", "--config", str(CONFIGS / "offline.yaml"), "--data-root", str(root),
-            "--category", "Line-7_A", "part.B2", "--storage", str(store), "--no-report"]
+            "--category", "Line-7_A", "part.B2", "--storage", str(store)]
     for override in fast:
         argv += ["--set", override]
     assert main(argv) == 0
@@ -240,11 +246,16 @@ def test_offline_config_trains_any_category_folder_names(synth_root, tmp_path, r
     for row in rows:
         # 10 steps of 16 from 60 images (4 steps per epoch): 3 epochs, by the step budget.
         assert row["status"] == "ok" and row["benchmark"] == "mvtec" and row["epochs"] == 3
-        checkpoint = Path(row["checkpoint_uri"].removeprefix("file://"))
+        checkpoint = store / row["checkpoint_uri"]
         assert checkpoint.parent == run_dir / "mvtec" / row["category"]
         model, loaded = load_model(checkpoint)
         assert loaded.config.train.lr_schedule == "cosine"
         assert model.normal_map_mean.abs().sum() > 0  # calibrated after training, and kept
+        best = store / "registry" / "mvtec" / row["category"] / "best.json"
+        assert json.loads(best.read_text())["checkpoint_uri"] == row["checkpoint_uri"]
+    assert (run_dir / "report" / "index.html").is_file()
+    assert main(["-q", "models", "promote", run_dir.name, "--storage", str(store)]) == 0
+    assert main(["-q", "report", run_dir.name, "--storage", f"file://{store}"]) == 0
 
 
 @pytest.mark.parametrize("argv", [

@@ -4,12 +4,15 @@ checkpoints without repeating a finished epoch."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -108,6 +111,16 @@ def test_ctrl_c_stops_every_category_and_resume_finishes_the_run(synth_root, tmp
     for category, epoch in stopped.items():
         assert (run_dir / "synthetic" / category / f"checkpoint_epoch_{epoch:04d}").is_dir()
 
+    # As a driver killed right after an upload leaves it: mesh's next checkpoint complete in
+    # storage but never registered with Ray, and one after it cut short. Resume continues
+    # from the newest complete one: no finished epoch is trained again.
+    mesh = run_dir / "synthetic" / "mesh"
+    _unregistered_checkpoint(mesh, stopped["mesh"])
+    stopped["mesh"] += 1
+    _unregistered_checkpoint(mesh, stopped["mesh"])
+    weights = mesh / f"checkpoint_epoch_{stopped['mesh'] + 1:04d}" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
     resumed = _train("--resume", run_dir.name, "--storage", str(store), "--no-report")
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output[-3000:]
@@ -124,6 +137,18 @@ def test_ctrl_c_stops_every_category_and_resume_finishes_the_run(synth_root, tmp
     assert re.search(r"^mean .* 2 ok$", output, re.MULTILINE)
     assert sorted(p.name for p in (store / "registry" / "synthetic").iterdir()) == [
         "mesh", "stripes"]
+
+
+def _unregistered_checkpoint(run_dir: Path, epoch: int) -> None:
+    """A copy of the checkpoint of `epoch` as the checkpoint of the next epoch (a complete,
+    consistent upload that Ray's own records do not know)."""
+    target = run_dir / f"checkpoint_epoch_{epoch + 1:04d}"
+    shutil.copytree(run_dir / f"checkpoint_epoch_{epoch:04d}", target)
+    meta = json.loads((target / "checkpoint.json").read_text())
+    history = meta["training_state"]["history"]
+    meta["epoch"] = epoch + 1
+    history.append({**history[-1], "epoch": epoch + 1})
+    (target / "checkpoint.json").write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize(("argv", "message"), [

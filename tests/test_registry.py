@@ -247,3 +247,56 @@ def test_browsing_the_registry_and_the_runs_needs_no_torch(model_and_config, tmp
         assert result.returncode == 0, (argv, result.stderr[-2000:])
         assert expected in result.stdout, argv
 
+
+
+def test_a_copied_store_points_into_itself_and_no_pointer_leaves_it(model_and_config, tmp_path,
+                                                                     capsys):
+    # Results and registry hold pointers relative to the store's root: a copy (here the only
+    # one left) works on its own, and a pointer edited to lead elsewhere is refused.
+    original = tmp_path / "store"
+    uri = publish_run(f"file://{original}", "run-a", 0.9, model_and_config, tmp_path)
+    assert Registry(open_storage(str(original))).promote(uri).promoted
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    registry = Registry(open_storage(str(copy)))
+    best = registry.best("synthetic", CATEGORY)
+    assert best["checkpoint_uri"] == (copy / "runs" / "run-a" / "synthetic" / CATEGORY
+                                      / "checkpoint_epoch_0001").as_uri()
+    assert registry.history("synthetic", CATEGORY)[0]["checkpoint_uri"] == best["checkpoint_uri"]
+    assert main(["-q", "runs", "show", "run-a", "--storage", str(copy)]) == 0
+    assert main(["-q", "models", "pull", f"synthetic/{CATEGORY}", "--to", str(tmp_path / "m"),
+                 "--storage", str(copy)]) == 0
+    capsys.readouterr()
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(copy / "runs" / "run-a" / "synthetic" / CATEGORY / "checkpoint_epoch_0001",
+                    elsewhere)
+    best_json = copy / "registry" / "synthetic" / CATEGORY / "best.json"
+    for pointer in (elsewhere.as_uri(), str(elsewhere), "runs/../../elsewhere"):
+        card = json.loads(best_json.read_text())
+        best_json.write_text(json.dumps({**card, "checkpoint_uri": pointer}))
+        code = main(["predict", "--checkpoint", f"registry:synthetic/{CATEGORY}", "--storage",
+                     str(copy), str(tmp_path / "none.png"), "--out", str(tmp_path / "pred")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "points outside the store" in err[0], err
+        assert not (tmp_path / "pred").exists()
+    # Records written before pointers were relative hold absolute URIs: inside, still read.
+    inside = best["checkpoint_uri"]
+    best_json.write_text(json.dumps({**json.loads(best_json.read_text()),
+                                     "checkpoint_uri": inside}))
+    assert registry.best("synthetic", CATEGORY)["checkpoint_uri"] == inside
+
+
+def test_promote_says_when_there_is_nothing_to_promote(model_and_config, tmp_path, capsys):
+    store = tmp_path / "store"
+    publish_run(f"file://{store}", "run-ok", 0.9, model_and_config, tmp_path)
+    layout = RunLayout(open_storage(str(store)), "run-failed")
+    write_results(layout, [{"run_id": "run-failed", "benchmark": "synthetic",
+                            "category": CATEGORY, "status": "failed", "error": "broken"}])
+    for argv, message in [(["run-failed"], "run run-failed: no category finished ok"),
+                          (["run-ok", "--metric", "bogus"], "--metric bogus: not one of")]:
+        assert main(["models", "promote", *argv, "--storage", str(store)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (store / "registry").exists()

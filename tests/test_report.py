@@ -213,7 +213,7 @@ def test_record_metrics_match_the_checkpoint(trained_run):
     # The evaluation record beside each checkpoint holds the scores its metrics came from.
     run_dir, _ = trained_run
     for row in pq.read_table(run_dir / "results.parquet").to_pylist():
-        directory = Path(row["checkpoint_uri"].removeprefix("file://")) / "evaluation"
+        directory = run_dir.parents[1] / row["checkpoint_uri"] / "evaluation"
         record = decode_eval_record({n: (directory / n).read_bytes() for n in RECORD_FILES})
         labels = np.array([r["label"] for r in record.images])
         scores = np.array([r["score"] for r in record.images])

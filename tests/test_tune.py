@@ -155,7 +155,10 @@ def test_asha_search_on_s3_selects_without_reading_the_test_split(one_category, 
     for row in rows:
         if not (row["selected"] or row["is_default"]):
             assert all(math.isnan(row[f"test_{k}"]) for k in METRIC_KEYS)
-    assert best["checkpoint_uri"].startswith(f"s3://memkd-test/tune/runs/{summary.run_id}/")
+    # Stored relative to the store's root; the summary holds the bucket's URIs.
+    assert best["checkpoint_uri"].startswith(f"runs/{summary.run_id}/")
+    (selected,) = summary.selected
+    assert selected["checkpoint_uri"] == f"s3://memkd-test/tune/{best['checkpoint_uri']}"
     assert any("finished" in m for m in messages)
 
     # The report of the search lands in the bucket: the selected trial's test metrics, its

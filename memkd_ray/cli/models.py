@@ -81,7 +81,7 @@ def export(args: argparse.Namespace) -> None:
 def models(args: argparse.Namespace) -> None:
     from memkd_ray.checkpoint_format import META_FILE
     from memkd_ray.storage import open_storage
-    from memkd_ray.storage.registry import Registry, parse_reference
+    from memkd_ray.storage.registry import Registry, check_metric, parse_reference
 
     registry = Registry(open_storage(args.storage))
     command = args.models_command
@@ -109,13 +109,17 @@ def models(args: argparse.Namespace) -> None:
     else:
         from memkd_ray.storage.layout import RunLayout, read_results
 
+        check_metric(args.metric)
         layout = RunLayout(registry.storage, args.run_id)
         if not registry.storage.exists(layout.results_path):
             raise UserInputError(f"run {args.run_id}: no results.parquet in {args.storage}")
-        for row in read_results(layout):
-            if row["status"] == "ok":
-                print(format_promotion(registry.promote(row["checkpoint_uri"], args.metric,
-                                                        force=args.force)))
+        finished = [row for row in read_results(layout) if row["status"] == "ok"]
+        if not finished:
+            raise UserInputError(f"run {args.run_id}: no category finished ok, nothing to "
+                                 "promote")
+        for row in finished:
+            print(format_promotion(registry.promote(row["checkpoint_uri"], args.metric,
+                                                    force=args.force)))
 
 
 def runs(args: argparse.Namespace) -> None:

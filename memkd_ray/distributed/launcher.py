@@ -201,9 +201,10 @@ def run_in_threads(
 
 def _train_category(cfg: MemKDConfig, category: str, layout: RunLayout, progress: Progress,
                     flag: Any, train_loop: TrainLoop) -> dict:
-    trainer = category_trainer(
-        train_loop, {"category": category, "progress": progress.queue, "stop_flag": flag},
-        cfg, category, layout.benchmark_dir(cfg.data.benchmark), layout.storage.filesystem)
+    storage_path, filesystem = layout.benchmark_dir(cfg.data.benchmark), layout.storage.filesystem
+    loop_config = {"category": category, "progress": progress.queue, "stop_flag": flag,
+                   "run_dir": (filesystem, f"{storage_path}/{category}")}
+    trainer = category_trainer(train_loop, loop_config, cfg, category, storage_path, filesystem)
     began = time.perf_counter()
     progress.launched(category)
     try:
@@ -218,13 +219,14 @@ def _train_category(cfg: MemKDConfig, category: str, layout: RunLayout, progress
     if result.error is not None:
         raise result.error
     metrics = result.metrics or {}
+    # A category found finished in storage reports its checkpoint's path instead of a new one.
+    checkpoint = metrics.get("checkpoint_path") or (result.checkpoint and result.checkpoint.path)
     return _row(
         cfg, layout, category, "interrupted" if result.return_value == STOPPED else "ok",
         **{key: float(metrics.get(key, math.nan)) for key in METRIC_KEYS},
         epochs=int(metrics.get("epoch", 0)), workers=int(metrics.get("workers", 0)),
         wall_seconds=time.perf_counter() - began,
-        checkpoint_uri=(layout.storage.uri_for(result.checkpoint.path)
-                        if result.checkpoint else ""))
+        checkpoint_uri=layout.storage.uri_for(checkpoint) if checkpoint else "")
 
 
 def _row(cfg: MemKDConfig, layout: RunLayout, category: str, status: str,

@@ -54,7 +54,6 @@ def preflight(cfg: MemKDConfig, categories: list[str], with_test: bool = True
         raise UserInputError("data.root is not set (pass --data-root)")
     check_teacher(cfg.teacher.name, cfg.teacher.weights)  # here, not in every worker
     check_workers(cfg)
-    # Category names become storage paths (runs/<id>/<benchmark>/<category>, registry/...).
     for name in [*categories, *cfg.data.categories]:
         plain_name("category", name)
     root = Path(cfg.data.root).expanduser()
@@ -65,6 +64,8 @@ def preflight(cfg: MemKDConfig, categories: list[str], with_test: bool = True
         return cfg, categories if categories != ["all"] else cfg.data.categories, {}
     cfg = replace(cfg, data=replace(cfg.data, root=str(root.resolve())))
     names = resolve_categories(cfg.data.benchmark, root, categories, cfg.data.categories)
+    for name in names:  # they become storage paths: runs/<id>/<benchmark>/<category>, ...
+        plain_name("category", name)
     broken = {}
     for name in names:
         try:

@@ -35,14 +35,16 @@ from memkd_ray.engine import (
     training_inputs,
 )
 from memkd_ray.eval_record import encode_eval_record
+from memkd_ray.storage.layout import checkpoint_dir_name, newest_complete_checkpoint
 
 TrainLoop = Callable[[dict[str, Any]], Any]
 """What every worker of a category runs: `train_loop_per_worker`, or a wrapper of it."""
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> str | None:
-    """`loop_config`: the config, the category, and from `train` the progress queue and stop
-    flag, from `tune` the selection split. Returns STOPPED when the driver stopped it."""
+    """`loop_config`: the config, the category, and from `train` the progress queue, the stop
+    flag and the category's run directory, from `tune` the selection split. Returns STOPPED
+    when the driver stopped it."""
     cfg = validate(from_dict(loop_config["config"]))
     category, selection = loop_config["category"], loop_config.get("selection")
     context = ray.train.get_context()
@@ -52,7 +54,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> str | None:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     train, scoring = training_inputs(cfg, category, selection)
-    restored = ray.train.get_checkpoint()
+    restored = _latest_checkpoint(loop_config.get("run_dir"))
 
     def restore(state: TrainState) -> None:
         with restored.as_directory() as directory:
@@ -91,7 +93,18 @@ def _report(end: EpochEnd, cfg: MemKDConfig, rank: int, category: str,
                                     end.state.epoch, scored, state=end.state, category=category,
                                     evaluation_record=record)
         ray.train.report(end.metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=f"checkpoint_epoch_{end.state.epoch:04d}")
+                         checkpoint_dir_name=checkpoint_dir_name(end.state.epoch))
+
+
+def _latest_checkpoint(run_dir: tuple[Any, str] | None) -> ray.train.Checkpoint | None:
+    """What to continue from. Given the category's run directory (filesystem, path), the
+    newest complete checkpoint there, which may be newer than the one Ray registered (a
+    driver killed after an upload, a worker within Ray's polling window); otherwise Ray's."""
+    if run_dir is None:
+        return ray.train.get_checkpoint()
+    filesystem, path = run_dir
+    newest = newest_complete_checkpoint(filesystem, path)
+    return ray.train.Checkpoint(newest, filesystem) if newest else None
 
 
 def _emitter(progress: Any, rank: int, category: str) -> Any:

@@ -84,6 +84,31 @@ class Storage(ABC):
         """`path` as a local file path, where this backend is a local filesystem."""
         return None
 
+    def reference(self, uri: str) -> str:
+        """`uri` relative to the root: what records kept in the store hold, so that a copied
+        or moved store still points into itself."""
+        path, root = self.path_of(uri).rstrip("/"), self.root.rstrip("/") + "/"
+        if not path.startswith(root):
+            raise StorageError(f"{uri}: not under storage {self.uri}")
+        return path.removeprefix(root)
+
+    def resolve(self, reference: str, where: str) -> str:
+        """The URI a record's `reference` names: relative to the root, checked to stay under
+        it, or (records written before references were relative) an absolute URI under the
+        root. Anything else is refused: a stored pointer is never trusted to leave the store."""
+        if not reference:
+            return ""
+        if "://" in reference or reference.startswith("/"):
+            try:
+                self.reference(reference)
+            except StorageError:
+                raise StorageError(f"{where}: {reference} points outside the store "
+                                   f"{self.uri}") from None
+            return reference
+        if any(part in ("", ".", "..") for part in reference.split("/")):
+            raise StorageError(f"{where}: {reference} points outside the store {self.uri}")
+        return self.uri_for(f"{self.root.rstrip('/')}/{reference}")
+
     def path(self, *parts: str) -> str:
         """The path of `root/part/...`; every part a plain name, so none leads outside."""
         return "/".join([self.root.rstrip("/"), *(plain_name("name", p) for p in parts)])

@@ -14,15 +14,20 @@ Every file name of the store is here; other modules ask a layout for paths.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+import re
 import secrets
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from memkd_ray.checkpoint_format import META_FILE, STATE_FILE, WEIGHTS_FILE, parse_checkpoint_meta
+from memkd_ray.errors import CheckpointError
 from memkd_ray.metrics import METRIC_KEYS
 from memkd_ray.storage.base import NAME, Storage, StorageError, plain_name
 
@@ -106,6 +111,46 @@ class RunLayout:
         return f"{self.run_dir}/{plain_name('benchmark', benchmark)}"
 
 
+CHECKPOINT_DIR = re.compile(r"checkpoint_epoch_(\d{4,})")
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    """The directory of a category's checkpoint after `epoch` in its Train run directory."""
+    return f"checkpoint_epoch_{epoch:04d}"
+
+
+def newest_complete_checkpoint(filesystem: pafs.FileSystem, run_dir: str) -> str | None:
+    """The newest checkpoint in a category's Train run directory whose files all match the
+    sha256s of its checkpoint.json: an upload a killed run never registered with Ray counts,
+    a partial one does not."""
+    selector = pafs.FileSelector(run_dir, allow_not_found=True)
+    found = sorted(((int(match[1]), info.path) for info in filesystem.get_file_info(selector)
+                    if info.type == pafs.FileType.Directory
+                    and (match := CHECKPOINT_DIR.fullmatch(info.base_name))), reverse=True)
+    for epoch, path in found:
+        if _complete(filesystem, path, epoch):
+            return path
+    return None
+
+
+def _complete(filesystem: pafs.FileSystem, path: str, epoch: int) -> bool:
+    def digest(name: str) -> str:
+        sha = hashlib.sha256()
+        with filesystem.open_input_stream(f"{path}/{name}") as stream:
+            while chunk := stream.read(1 << 20):
+                sha.update(chunk)
+        return sha.hexdigest()
+
+    try:
+        with filesystem.open_input_stream(f"{path}/{META_FILE}") as stream:
+            meta = parse_checkpoint_meta(stream.read(), f"{path}/{META_FILE}")
+        state = meta.get("training_state") or {}
+        return (meta["epoch"] == epoch and digest(WEIGHTS_FILE) == meta["sha256"]
+                and isinstance(state, dict) and digest(STATE_FILE) == state.get("sha256"))
+    except (OSError, CheckpointError):
+        return False
+
+
 def registry_dir(storage: Storage, benchmark: str | None = None) -> str:
     """`<root>/registry[/<benchmark>]` (the name checked: none leads elsewhere)."""
     return storage.path("registry", *([benchmark] if benchmark else []))
@@ -124,11 +169,19 @@ class RegistryLayout:
         self.history_path = f"{self.dir}/history.parquet"
 
 
+POINTERS = ("checkpoint_uri",)
+"""Columns that point at objects of the store: kept relative to its root (Storage.reference)
+and resolved, checked to stay under it, when read (Storage.resolve)."""
+
+
 def write_table(storage: Storage, path: str, rows: list[dict[str, Any]],
                 schema: pa.Schema) -> str:
     """Rows as one Parquet object of `schema`, written atomically; returns its URI. Columns
     typed null in `schema` take the type of their values."""
     columns = {field.name: [row.get(field.name) for row in rows] for field in schema}
+    for name in POINTERS:
+        if name in columns:
+            columns[name] = [storage.reference(uri) if uri else uri for uri in columns[name]]
     table = pa.table({name: pa.array(values, type=None if schema.field(name).type == pa.null()
                                      else schema.field(name).type)
                       for name, values in columns.items()})
@@ -139,7 +192,14 @@ def write_table(storage: Storage, path: str, rows: list[dict[str, Any]],
 
 
 def read_table(storage: Storage, path: str) -> list[dict[str, Any]]:
-    return pq.read_table(io.BytesIO(storage.read_bytes(path))).to_pylist()
+    """The rows of a table written by `write_table`, its pointers as URIs in this store."""
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(path))).to_pylist()
+    where = storage.uri_for(path)
+    for row in rows:
+        for name in POINTERS:
+            if row.get(name):
+                row[name] = storage.resolve(row[name], where)
+    return rows
 
 
 def write_results(layout: RunLayout, rows: list[dict[str, Any]]) -> str:

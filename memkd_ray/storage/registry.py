@@ -83,14 +83,14 @@ class Registry:
         path = self._entry(benchmark, category).best_path
         if not self.storage.exists(path):
             return None
-        return _parse_card(self.storage.read_bytes(path), self.storage.uri_for(path))
+        return self._read_card(path)
 
     def list(self, benchmark: str | None = None) -> list[dict[str, Any]]:
         """The best card of every benchmark/category (of one benchmark if given)."""
         root = registry_dir(self.storage, benchmark)
         paths = [p for p in self.storage.list_files(root)
                  if p.endswith(f"/{RegistryLayout.BEST_FILE}")]
-        return [_parse_card(self.storage.read_bytes(p), self.storage.uri_for(p)) for p in paths]
+        return [self._read_card(p) for p in paths]
 
     def history(self, benchmark: str, category: str) -> list[dict[str, Any]]:
         path = self._entry(benchmark, category).history_path
@@ -145,8 +145,7 @@ class Registry:
         the test split after training, so checkpoint.json holds validation scores only).
         """
         for name in (metric, tiebreak):
-            if name not in METRIC_KEYS:
-                raise UserInputError(f"--metric {name}: not one of {', '.join(METRIC_KEYS)}")
+            check_metric(name)
         candidate = self.card(checkpoint_uri)
         if metrics is not None:
             candidate["metrics"] = {k: float(metrics.get(k, math.nan)) for k in METRIC_KEYS}
@@ -160,7 +159,7 @@ class Registry:
         claim = {**candidate, "claim": claim_id, "forced": force, "metric": metric,
                  "tiebreak": tiebreak, "promoted_at": now.isoformat(timespec="seconds")}
         claims_dir = self._entry(benchmark, category).claims_dir
-        self.storage.write_bytes(f"{claims_dir}/{claim_id}.json", _dump(claim))
+        self.storage.write_bytes(f"{claims_dir}/{claim_id}.json", self._dump(claim))
         best = self._settle(benchmark, category)
         return Promotion(best["claim"] == claim_id, candidate, best)
 
@@ -173,7 +172,7 @@ class Registry:
             wrote = False
             current = self.best(benchmark, category)
             if current is None or current.get("claim") != winner["claim"]:
-                self.storage.write_bytes(entry.best_path, _dump(winner))
+                self.storage.write_bytes(entry.best_path, self._dump(winner))
                 wrote = True
             if len(self.history(benchmark, category)) != len(claims):
                 write_table(self.storage, entry.history_path, _history_rows(claims),
@@ -185,7 +184,19 @@ class Registry:
 
     def _claims(self, benchmark: str, category: str) -> list[dict[str, Any]]:
         paths = self.storage.list_files(self._entry(benchmark, category).claims_dir)
-        return [json.loads(self.storage.read_bytes(p)) for p in paths if p.endswith(".json")]
+        return [self._read_card(p) for p in paths if p.endswith(".json")]
+
+    def _read_card(self, path: str) -> dict[str, Any]:
+        """A stored card (best.json or a claim), schema-checked, its pointer resolved in this
+        store (never outside it)."""
+        where = self.storage.uri_for(path)
+        card = _parse_card(self.storage.read_bytes(path), where)
+        return {**card, "checkpoint_uri": self.storage.resolve(card["checkpoint_uri"], where)}
+
+    def _dump(self, card: dict[str, Any]) -> bytes:
+        """A card as stored: its pointer relative to the store's root."""
+        stored = {**card, "checkpoint_uri": self.storage.reference(card["checkpoint_uri"])}
+        return (json.dumps(stored, indent=2, sort_keys=True) + "\n").encode()
 
     def read(self, path: str) -> bytes:
         """Bytes of a stored file; CheckpointError if it is missing."""
@@ -235,6 +246,13 @@ class Registry:
         return destination
 
 
+def check_metric(name: str) -> str:
+    """`name` if the registry can rank by it, else a UserInputError."""
+    if name not in METRIC_KEYS:
+        raise UserInputError(f"--metric {name}: not one of {', '.join(METRIC_KEYS)}")
+    return name
+
+
 def winning_claim(claims: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """The best claim since the latest forced one (a forced promotion resets the contest),
     ranked by each claim's own metric and tiebreak; earliest wins ties."""
@@ -258,10 +276,6 @@ def _rank(card: dict[str, Any], metric: str, tiebreak: str) -> tuple[float, floa
     return value(metric), value(tiebreak)
 
 
-def _dump(data: dict[str, Any]) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-
-
 def _history_rows(claims: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"promoted_at": c["promoted_at"], "claim": c["claim"], "run_id": c["run_id"],
              "checkpoint_uri": c["checkpoint_uri"], "sha256": c["sha256"],
@@ -270,7 +284,8 @@ def _history_rows(claims: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 _CARD_FIELDS = {"benchmark": str, "category": str, "checkpoint_uri": str, "metrics": dict,
-                "sha256": str, "claim": str}
+                "sha256": str, "claim": str, "run_id": str, "promoted_at": str,
+                "size_bytes": int}
 
 
 def _parse_card(data: bytes, where: str) -> dict[str, Any]:
@@ -278,9 +293,14 @@ def _parse_card(data: bytes, where: str) -> dict[str, Any]:
         card = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{where}: not valid JSON") from None
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{where}: top level must be an object")
     for key, kind in _CARD_FIELDS.items():
         if not isinstance(card.get(key), kind):
             raise CheckpointError(f"{where}: field {key!r} missing or not a {kind.__name__}")
+    for key in METRIC_KEYS:
+        if not isinstance(card["metrics"].get(key), (int, float)):
+            raise CheckpointError(f"{where}: metric {key!r} missing or not a number")
     return card
 
 
