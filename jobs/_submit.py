@@ -137,6 +137,8 @@ def config_in_tree(config: str, working_dir: Path) -> str:
     missing config fails here, before anything is submitted. A relative path is taken from the
     current directory, else from working_dir (so `configs/x.yaml` works from anywhere).
     """
+    if not working_dir.is_dir():
+        raise SubmitError(f"--working-dir {working_dir}: not a directory")
     path = Path(config)
     if not path.is_absolute():
         path = path if (Path.cwd() / path).is_file() else working_dir / path

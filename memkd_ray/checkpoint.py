@@ -146,7 +146,10 @@ def load_model(
     try:
         model.load_trainable_state_dict(checkpoint.state)
     except (KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{checkpoint.directory}: {exc}") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "mismatch" in line), lines[-1] if lines else "")
+        raise CheckpointError(f"{checkpoint.directory}: the weights do not fit the model its "
+                              f"config builds ({detail[:300]})") from None
     return model.to(device).eval(), checkpoint
 
 

@@ -47,6 +47,23 @@ def parse_checkpoint_meta(data: bytes, where: str) -> dict[str, Any]:
     for key, kind in _REQUIRED.items():
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{where}: field {key!r} missing or not a {kind.__name__}")
+    teacher = meta["teacher"]
+    for key, kind, required in (("name", str, True), ("weights", str, True),
+                                ("weights_sha256", str, False), ("mean", list, False),
+                                ("std", list, False)):
+        value = teacher.get(key)
+        if not isinstance(value, kind) and (required or value is not None):
+            raise CheckpointError(f"{where}: field 'teacher.{key}' missing or not a "
+                                  f"{kind.__name__}")
+    for key in ("mean", "std"):
+        values = teacher.get(key)
+        if values is not None and (len(values) != 3 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise CheckpointError(f"{where}: field 'teacher.{key}' must hold three numbers")
+    if not isinstance(meta.get("category"), (str, type(None))):
+        raise CheckpointError(f"{where}: field 'category' must be a string")
+    if not isinstance(meta.get("training_state", {}), dict):
+        raise CheckpointError(f"{where}: field 'training_state' must be an object")
     if meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{where}: format {meta['format_version']} is newer than "
                               f"this memkd-ray ({__version__}) reads")

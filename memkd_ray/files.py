@@ -22,11 +22,14 @@ def sha256_file(path: Path) -> str:
 def writable_dir(flag: str, path: Path) -> Path:
     """`path` if it is, or can be made, a directory we can write: checked before any work, and
     without creating it, so a refused command leaves nothing behind."""
-    if path.exists() and not path.is_dir():
-        raise UserInputError(f"{flag} {path}: exists and is not a directory")
-    existing = path.absolute()
-    while not existing.exists():
-        existing = existing.parent
+    try:
+        if path.exists() and not path.is_dir():
+            raise UserInputError(f"{flag} {path}: exists and is not a directory")
+        existing = path.absolute()
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as exc:  # a name too long, a symlink loop
+        raise UserInputError(f"{flag} {path}: {exc.strerror or type(exc).__name__}") from None
     if not existing.is_dir():
         raise UserInputError(f"{flag} {path}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):

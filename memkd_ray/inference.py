@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
+import re
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,17 +25,38 @@ INDEX_FILE = "index.csv"
 
 def save_maps(evaluation: Evaluation, samples: Sequence[Sample], out: str | Path) -> Path:
     """Per test image `<id>.npz` (map float32, mask uint8, at the metric resolution) and
-    `index.csv` (id,label,defect,path): enough to recompute every metric independently."""
+    `index.csv` (id,label,defect,path): enough to recompute every metric independently.
+
+    Ids are the image's position and a plain form of its name (`0007_scratch_003`), so that
+    `003.png` and `003.jpg`, or names that are not valid UTF-8, each keep their own file. The
+    files are staged beside `out` and moved in only once all are written.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / INDEX_FILE, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "label", "defect", "path"])
-        for sample, amap, mask in zip(samples, evaluation.maps, evaluation.masks, strict=True):
-            np.savez_compressed(out / f"{sample.id}.npz", map=amap.astype(np.float32),
-                                mask=mask.astype(np.uint8))
-            writer.writerow([sample.id, sample.label, sample.defect, str(sample.image_path)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with open(staging / INDEX_FILE, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "label", "defect", "path"])
+            for index, (sample, amap, mask) in enumerate(
+                    zip(samples, evaluation.maps, evaluation.masks, strict=True)):
+                name = re.sub(r"[^A-Za-z0-9._-]", "_", sample.id)
+                file_id = f"{index:04d}_{name}"
+                np.savez_compressed(staging / f"{file_id}.npz", map=amap.astype(np.float32),
+                                    mask=mask.astype(np.uint8))
+                writer.writerow([file_id, sample.label, _text(sample.defect),
+                                 _text(str(sample.image_path))])
+        out.mkdir(exist_ok=True)
+        for file in sorted(staging.iterdir(), key=lambda p: p.name == INDEX_FILE):
+            os.replace(file, out / file.name)  # the index last: it lists what is there
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _text(name: str) -> str:
+    """A file or folder name as UTF-8 text; bytes that are not UTF-8 as `\\xNN` escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def predict_images(

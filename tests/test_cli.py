@@ -93,6 +93,34 @@ def test_eval_save_maps_lets_anyone_recompute_the_metrics(trained_run, synth_roo
     assert independent == pytest.approx(printed["image_auroc"], abs=1e-6)
 
 
+def test_save_maps_keeps_one_file_per_image_whatever_its_name(trained_run, synth_root,
+                                                               tmp_path, capsys):
+    # 000.png beside 000.jpg, and a name that is not valid UTF-8: every image its own file.
+    import os
+
+    from PIL import Image
+
+    run_dir, _ = trained_run
+    root = tmp_path / "bench"
+    shutil.copytree(synth_root / "mesh", root / "mesh")
+    good = root / "mesh" / "test" / "good"
+    Image.open(good / "000.png").convert("RGB").save(good / "000.jpg")
+    odd = os.fsdecode(bytes(good) + b"/caf\xe9.png")
+    shutil.copyfile(good / "001.png", odd)
+    maps_dir = tmp_path / "maps"
+    assert main(["-q", "eval", "--checkpoint",
+                 str(run_dir / "synthetic" / "mesh" / "checkpoint_epoch_0006"), "--data-root",
+                 str(root), "--category", "mesh", "--save-maps", str(maps_dir)]) == 0
+    capsys.readouterr()
+    with open(maps_dir / "index.csv", encoding="utf-8") as handle:
+        index = list(csv.DictReader(handle))
+    assert len(index) == 52 and len({row["id"] for row in index}) == 52
+    assert sorted(p.name for p in maps_dir.iterdir()) == sorted(
+        ["index.csv", *(f"{row['id']}.npz" for row in index)])
+    assert any(row["path"].endswith("caf\\xe9.png") for row in index)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".maps")] == []
+
+
 def test_predict_writes_overlays_and_scores(trained_run, synth_root, tmp_path, capsys):
     run_dir, _ = trained_run
     checkpoint = run_dir / "synthetic" / "stripes" / "checkpoint_epoch_0006"
@@ -173,21 +201,65 @@ CKPT = "{run}/synthetic/mesh/checkpoint_epoch_0006"
         (["export", "--checkpoint", CKPT, "--out", "{tmp}/file"],
          "--out {tmp}/file: exists and is not a directory"),
         (["export", "--checkpoint", CKPT, "--out", "{tmp}/onnx", "--opset", "13"],
-         "--opset 13: the exporter writes opset 18 or later"),
+         "--opset 13: the exporter writes opsets 18 to"),
         (["export", "--checkpoint", CKPT, "--out", "{tmp}/onnx", "--check-images",
           "{tmp}/truncated.png"], "{tmp}/truncated.png: unreadable image"),
         (["models", "pull", "synthetic/mesh", "--to", "{tmp}/file"],
          "--to {tmp}/file: exists and is not a directory"),
         (["report", "some-run", "--out", "{tmp}/file"],
          "--out {tmp}/file: exists and is not a directory"),
-        (["data", "synth", "--out", "{tmp}/synth", "--size", "0"], "--size 0: must be at least 32"),
+        (["data", "synth", "--out", "{tmp}/synth", "--size", "0"],
+         "--size 0: must be between 32 and 8192"),
         (["data", "synth", "--out", "{tmp}/synth", "--size", "-5"],
-         "--size -5: must be at least 32"),
+         "--size -5: must be between 32 and 8192"),
         (["data", "synth", "--out", "{tmp}/file"], "--out {tmp}/file: exists and is not a"),
         (["data", "check", "--config", DEMO, "--data-root", "{tmp}/broken"],
          "{tmp}/broken/mesh/train/good/000.png: unreadable image"),
         (["train", "--config", DEMO, "--data-root", "{tmp}/spaced"],
          "category 'my parts': must be a plain name"),
+        (["train", "--config", "{tmp}/binary.yaml", "--data-root", "."],
+         "{tmp}/binary.yaml: cannot read the config file (not UTF-8 text)"),
+        (["train", "--config", "{tmp}", "--data-root", "."],
+         "{tmp}: cannot read the config file (Is a directory)"),
+        (["train", "--config", "{tmp}/base5.yaml", "--data-root", "."],
+         "{tmp}/base5.yaml: base must name a config file, got 5"),
+        (["train", "--config", DEMO, "--data-root", "{synth}", "--set",
+          "teacher.weights=package:sys"], "teacher.weights: sys is not a package of files"),
+        (["train", "--config", DEMO, "--data-root", "{synth}", "--set",
+          "teacher.weights={tmp}/random.safetensors"], "is not a readable safetensors file"),
+        (["train", "--config", DEMO, "--data-root", ".", "--set", "data=5"],
+         "data.root: data is 5, not a section"),
+        (["train", "--config", DEMO, "--data-root", "{synth}", "--storage", "{tmp}/" + "x" * 300],
+         "File name too long"),
+        (["train", "--config", DEMO, "--data-root", "{synth}", "--storage", "{tmp}/loop"],
+         "--storage {tmp}/loop: Symlink loop"),
+        (["runs", "list", "--storage", ""], "--storage: empty"),
+        (["train", "--config", DEMO, "--data-root", "{synth}", "--address",
+          "http://admin:pw@127.0.0.1:1"], "--address http://***@127.0.0.1:1: expected auto"),
+        (["train", "--resume", "run-x", "--storage", "{tmp}/store"],
+         "--resume run-x: file://{tmp}/store/runs/run-x/train_spec.json is damaged"),
+        (["runs", "show", "run-x", "--storage", "{tmp}/store"],
+         "run-x/results.parquet: unreadable table"),
+        (["tune", "--config", DEMO, "--data-root", "{synth}", "--space", "{tmp}/binary.yaml"],
+         "{tmp}/binary.yaml: cannot read the search space file (not UTF-8 text)"),
+        (["tune", "--config", DEMO, "--data-root", "{synth}", "--samples", "0"],
+         "--samples 0: must be at least 1"),
+        (["tune", "--config", DEMO, "--data-root", "{synth}", "--max-concurrent", "-1"],
+         "--max-concurrent -1: must be 0 (what the cluster holds) or more"),
+        (["tune", "--resume", "20990101-000000-abcdef", "--storage", "{tmp}/store"],
+         "--resume 20990101-000000-abcdef: no such tune run"),
+        (["export", "--checkpoint", CKPT, "--out", "{tmp}/onnx", "--opset", "99"],
+         "--opset 99: the exporter writes opsets 18 to"),
+        (["export", "--checkpoint", CKPT, "--out", "{tmp}/onnx", "--threshold", "nan"],
+         "--threshold nan: must be a finite number"),
+        (["data", "synth", "--out", "{tmp}/synth", "--size", "100000"],
+         "--size 100000: must be between 32 and 8192"),
+        (["predict", "--checkpoint", CKPT, "{tmp}/float.tif", "--out", "{tmp}/pred"],
+         "{tmp}/float.tif: 32-bit float pixels are not read"),
+        (["data", "check", "--config", DEMO, "--data-root", "{tmp}/dangling"],
+         "{tmp}/dangling/mesh/train/good/zz.png: file not found"),
+        (["data", "check", "--config", DEMO, "--data-root", "{tmp}/capital"],
+         "{tmp}/capital/mesh/train/good/000.Png: unreadable image"),
     ],
 )
 def test_bad_input_exits_2_with_a_one_line_reason(argv, message, trained_run, synth_root,
@@ -203,6 +275,19 @@ def test_bad_input_exits_2_with_a_one_line_reason(argv, message, trained_run, sy
     shutil.copytree(synth_root / "mesh", broken)
     (broken / "train" / "good" / "000.png").write_bytes(whole[: len(whole) // 2])
     shutil.copytree(synth_root / "mesh", tmp_path / "spaced" / "my parts")
+    Image.fromarray(np.full((40, 40), 0.5, np.float32), "F").save(tmp_path / "float.tif")
+    for name in ("dangling", "capital"):
+        shutil.copytree(synth_root / "mesh", tmp_path / name / "mesh")
+    (tmp_path / "dangling" / "mesh" / "train" / "good" / "zz.png").symlink_to(tmp_path / "none")
+    (tmp_path / "capital" / "mesh" / "train" / "good" / "000.Png").write_bytes(b"not an image")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    (tmp_path / "base5.yaml").write_text("base: 5\n")
+    (tmp_path / "random.safetensors").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    run = tmp_path / "store" / "runs" / "run-x"
+    run.mkdir(parents=True)
+    (run / "train_spec.json").write_text('{"config": {}')
+    (run / "results.parquet").write_bytes(b"PAR1 cut short")
     before = sorted(tmp_path.rglob("*"))
     monkeypatch.chdir(tmp_path)
     values = {"tmp": str(tmp_path), "synth": str(synth_root), "run": str(trained_run[0])}

@@ -156,6 +156,11 @@ def test_an_export_onnx_runtime_does_not_reproduce_is_not_written(exported, stor
     ("flip", "sha256"),
     ("no-sidecar", "model.json: not found"),
     ("bad-sidecar", "model.json: not a memkd-ray export description"),
+    # Damage whose digest was written into model.json too: caught by ONNX Runtime's load or
+    # by the graph's own input shape.
+    ("truncated-resealed", "ONNX Runtime cannot load it"),
+    ("size-edited", "says input size 96"),
+    ("batch-edited", "batch 4"),
 ])
 def test_a_damaged_export_is_refused(damage, message, exported, synth_root, tmp_path, capsys):
     out, _ = exported
@@ -167,8 +172,19 @@ def test_a_damaged_export_is_refused(damage, message, exported, synth_root, tmp_
         (damaged / ONNX_FILE).write_bytes(bytes(data))
     elif damage == "no-sidecar":
         os.remove(damaged / "model.json")
-    else:
+    elif damage == "bad-sidecar":
         (damaged / "model.json").write_text('{"format": "something else"}')
+    else:
+        sidecar = json.loads((damaged / "model.json").read_text())
+        if damage == "truncated-resealed":
+            model = damaged / ONNX_FILE
+            model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+            sidecar["model"]["sha256"] = sha256_file(model)
+        elif damage == "size-edited":
+            sidecar["input"]["size"] = 96
+        else:
+            sidecar["model"]["batch"] = 4
+        (damaged / "model.json").write_text(json.dumps(sidecar))
     pred = tmp_path / "pred"
     image = synth_root / "stripes" / "test" / "good" / "000.png"
     assert main(["-q", "predict", "--checkpoint", str(damaged / ONNX_FILE), str(image),

@@ -450,6 +450,12 @@ def test_a_config_missing_from_the_shipped_tree_is_refused(config):
     one_line_error(result, f"config {config}")
 
 
+def test_a_working_dir_that_is_not_there_is_named():
+    result = script("submit_benchmark.py", "--benchmark", "configs/demo.yaml", "/d",
+                    "--storage", "/s", "--working-dir", "/nonexistent", "--dry-run")
+    one_line_error(result, "--working-dir /nonexistent: not a directory")
+
+
 def test_an_unreachable_dashboard_is_one_line_and_exit_2():
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))

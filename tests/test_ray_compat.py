@@ -16,6 +16,7 @@ from tests.conftest import CONFIGS
 def _uses() -> dict:
     return {
         "console routing": ray_compat.route_raylet_messages,
+        "local console": ray_compat.quiet_local_token_notice,
         "credential hygiene": ray_compat.keep_credentials_out_of_trials,
         "placement timeout": lambda: ray_compat.worker_group_start_timeout(5).__enter__(),
         "SIGTERM handling": lambda: ray_compat.sigterm_stops_tune().__enter__(),

@@ -104,16 +104,25 @@ def from_dict(raw: dict[str, Any]) -> MemKDConfig:
     return _build(MemKDConfig, raw, "")
 
 
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """The YAML document of a file; ConfigError, naming the file, for anything that is not a
+    readable UTF-8 YAML file."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(f"{path}: cannot read the {what} ({reason})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+
+
 def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular `base:` reference")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -121,6 +130,8 @@ def _read_yaml_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, 
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must name a config file, got {base!r:.40}")
     return _deep_merge(_read_yaml_with_bases(path.parent / base, (*seen, path)), data)
 
 
@@ -158,11 +169,16 @@ def _dotted_parent(raw: dict[str, Any], key: str, create: bool) -> tuple[Any, An
     """The container of a dotted key's value and the key or index there."""
     *parents, leaf = key.split(".")
     node: Any = raw
-    for part in parents:
+    for depth, part in enumerate(parents):
+        if not isinstance(node, (dict, list)):
+            section = ".".join(parents[:depth])
+            raise ConfigError(f"{key}: {section} is {node!r:.40}, not a section")
         slot = _slot(node, part, key, create)
         if create and isinstance(node, dict) and slot not in node:
             node[slot] = {}
         node = node[slot]
+    if not isinstance(node, (dict, list)):
+        raise ConfigError(f"{key}: {'.'.join(parents)} is {node!r:.40}, not a section")
     return node, _slot(node, leaf, key, create)
 
 
@@ -171,8 +187,6 @@ def _slot(node: Any, part: str, key: str, create: bool) -> Any:
         if not part.isdigit() or int(part) >= len(node):
             raise ConfigError(f"{key}: not a config key")
         return int(part)
-    if not isinstance(node, dict):
-        raise ConfigError(f"{key}: {part} is not a section")
     if part not in node and not create:
         raise ConfigError(f"{key}: not a config key")
     return part

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from memkd_ray.data.photo_defects import DEFECTS, paint_defect, to_image
+from memkd_ray.data.sample import check_generated_side, open_image
 from memkd_ray.errors import UserInputError
 
 KINDS = ("texture", "array", "scene")
@@ -100,13 +101,8 @@ def parse_source(text: str) -> PhotoSource:
 
 def read_photo(path: str) -> Image.Image:
     """The RGB or L image at `path` or `package:<module>/<file>`."""
-    file = _resolve(path)
-    try:
-        with Image.open(file) as image:
-            image.load()
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"{file}: unreadable image ({exc.__class__.__name__})") from None
-    return image.convert("L" if image.mode in ("L", "I", "I;16", "1") else "RGB")
+    with open_image(_resolve(path), decode=True) as image:
+        return image.convert("L" if image.mode in ("L", "I", "I;16", "1") else "RGB")
 
 
 def _resolve(path: str) -> Path:
@@ -203,8 +199,7 @@ def generate_photo_benchmark(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserInputError(f"--out {out}: exists and is not an empty directory")
-    if size < 32:
-        raise UserInputError(f"--size {size}: must be at least 32")
+    check_generated_side(size)
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise UserInputError(f"source names must be unique, got {', '.join(names)}")

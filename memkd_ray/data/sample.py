@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterable
@@ -12,9 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from memkd_ray.errors import DataError
+from memkd_ray.errors import DataError, UserInputError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".JPG", ".PNG")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""Image files by suffix, in any case (`.PNG`, `.Jpg`)."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Sample:
 
     def load_image(self, size: int | None = None) -> np.ndarray:
         """RGB uint8 array (H, W, 3); grayscale and palette images become RGB."""
-        image = _open(self.image_path, decode=True)
+        image = open_image(self.image_path, decode=True)
         if image.mode.startswith("I"):
             # 16-bit grey (PIL reads such PNGs and TIFFs as I;16 or I): scaled to 8 bits;
             # PIL's convert() would clip every value above 255 to white.
@@ -54,7 +56,7 @@ class Sample:
             width, height = image_size(self.image_path)
             shape = (size, size) if size is not None else (height, width)
             return np.zeros(shape, dtype=np.uint8)
-        mask = _open(self.mask_path, decode=True)
+        mask = open_image(self.mask_path, decode=True)
         if size is not None:
             mask = mask.resize((size, size), Image.NEAREST)
         return binarise_mask(mask)
@@ -86,7 +88,7 @@ _too_large = (f"larger than the largest accepted image ({MAX_IMAGE_PIXELS // 2**
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels."""
-    with _open(path) as image:
+    with open_image(path) as image:
         return image.size
 
 
@@ -106,10 +108,10 @@ def validate_samples(samples: Iterable[Sample], decode: bool = False) -> None:
 
 
 def _check_sample(sample: Sample, decode: bool) -> None:
-    with _open(sample.image_path, decode) as image:
+    with open_image(sample.image_path, decode) as image:
         size = image.size
     if sample.mask_path is not None:
-        with _open(sample.mask_path, decode) as mask:
+        with open_image(sample.mask_path, decode) as mask:
             mask_size = mask.size
         if mask_size != size:
             raise DataError(
@@ -118,7 +120,16 @@ def _check_sample(sample: Sample, decode: bool) -> None:
             )
 
 
-def _open(path: Path, decode: bool = False) -> Image.Image:
+def check_generated_side(size: int) -> int:
+    """`--size` of a generated benchmark: at least 32 px (its defects are drawn tens of pixels
+    wide), at most an image this package accepts (MAX_IMAGE_PIXELS)."""
+    largest = math.isqrt(MAX_IMAGE_PIXELS)
+    if not 32 <= size <= largest:
+        raise UserInputError(f"--size {size}: must be between 32 and {largest}")
+    return size
+
+
+def open_image(path: Path, decode: bool = False) -> Image.Image:
     """Open an image (header only unless `decode`); any failure is a DataError naming it.
 
     Images above MAX_IMAGE_PIXELS are refused from the header, before any decoding: PIL alone
@@ -134,6 +145,9 @@ def _open(path: Path, decode: bool = False) -> Image.Image:
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
     width, height = image.size
+    if image.mode == "F":  # nothing says which range of floats is black and which white
+        image.close()
+        raise DataError(f"{path}: 32-bit float pixels are not read; save it with 8 or 16 bits")
     if width * height > MAX_IMAGE_PIXELS:
         image.close()
         raise DataError(f"{path}: {width}x{height} pixels: {_too_large}")
@@ -148,4 +162,10 @@ def _open(path: Path, decode: bool = False) -> Image.Image:
 
 
 def list_images(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in IMAGE_SUFFIXES)
+    try:
+        # Not `is_file()`: a dangling link named *.png is a missing image, not no image.
+        return sorted(p for p in directory.iterdir()
+                      if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    except OSError as exc:
+        raise DataError(f"{directory}: cannot list ({exc.strerror or type(exc).__name__})"
+                        ) from None

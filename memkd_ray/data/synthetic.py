@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from memkd_ray.data.sample import check_generated_side
 from memkd_ray.errors import UserInputError
 
 Painter = Callable[[np.random.Generator, int], tuple[Image.Image, Image.Image]]
@@ -169,8 +170,7 @@ def generate_benchmark(
     """
     if not 1 <= categories <= len(CATEGORIES):
         raise UserInputError(f"--categories must be between 1 and {len(CATEGORIES)}")
-    if size < 32:  # the defects are drawn tens of pixels wide
-        raise UserInputError(f"--size {size}: must be at least 32")
+    check_generated_side(size)
     out = Path(out)
     names = []
     for spec in CATEGORIES[:categories]:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -134,8 +135,13 @@ def export_onnx(
     it raises VerificationError and writes nothing. An existing export in `out` is replaced
     file by file, the model first: a reader between the two sees a sha256 mismatch, never a
     wrong model."""
-    if opset < MIN_OPSET:
-        raise UserInputError(f"--opset {opset}: the exporter writes opset {MIN_OPSET} or later")
+    import onnx
+
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise UserInputError(f"--opset {opset}: the exporter writes opsets {MIN_OPSET} to "
+                             f"{onnx.defs.onnx_opset_version()}")
+    if threshold is not None and not math.isfinite(threshold):
+        raise UserInputError(f"--threshold {threshold}: must be a finite number")
     if batch is not None and batch < 1:
         raise UserInputError(f"--batch {batch}: must be a positive number or 'dynamic'")
     model, checkpoint = load_model(checkpoint_dir, "cpu")

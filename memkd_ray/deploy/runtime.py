@@ -66,7 +66,15 @@ class OnnxScorer:
                 f"{model_path}: sha256 {actual[:12]}... does not match "
                 f"{sidecar_of(model_path).name} {sidecar['model']['sha256'][:12]}... "
                 "(tampered, truncated or another export)")
-        return cls(model_path, sidecar, cpu_session(model_path))
+        session = cpu_session(model_path)
+        shape = session.get_inputs()[0].shape  # [batch or its name, 3, size, size]
+        batch = sidecar["model"]["batch"]
+        if (shape[2:] != [sidecar["input"]["size"]] * 2
+                or (shape[0] if isinstance(shape[0], int) else "dynamic") != batch):
+            raise CheckpointError(
+                f"{sidecar_of(model_path)}: says input size {sidecar['input']['size']} and "
+                f"batch {batch}; the graph takes {shape} (an edited description)")
+        return cls(model_path, sidecar, session)
 
     @property
     def image_size(self) -> int:
@@ -103,7 +111,11 @@ def cpu_session(model_path: Path) -> Any:
     except ImportError:
         raise UserInputError("scoring an ONNX export needs onnxruntime: "
                              "pip install 'memkd-ray[export]' (or onnxruntime)") from None
-    return onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    try:
+        return onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own types: InvalidProtobuf, Fail, ...
+        reason = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{model_path}: ONNX Runtime cannot load it ({reason})") from None
 
 
 def read_sidecar(path: Path) -> dict[str, Any]:

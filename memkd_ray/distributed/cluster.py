@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import socket
 import uuid
@@ -16,7 +17,11 @@ from ray.util.placement_group import placement_group_table
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from memkd_ray.config import DistributedConfig
-from memkd_ray.distributed.ray_compat import check_ray_version, route_raylet_messages
+from memkd_ray.distributed.ray_compat import (
+    check_ray_version,
+    quiet_local_token_notice,
+    route_raylet_messages,
+)
 from memkd_ray.errors import UserInputError
 from memkd_ray.storage import Storage
 
@@ -28,6 +33,11 @@ ADDRESS_PROBE_TIMEOUT_S = 5.0
 RAY_CLIENT_PORT = 10001
 # How long the shared-storage check waits for a node's answer (a busy node starts a worker).
 SHARED_CHECK_TIMEOUT_S = 60
+
+
+def shown(address: str) -> str:
+    """`address` as printed: a password in it (`ray://user:pw@host`) is never shown."""
+    return re.sub(r"//[^/@]*@", "//***@", address)
 
 
 def connect(address: str | None = None, storage: Storage | None = None) -> None:
@@ -42,13 +52,15 @@ def connect(address: str | None = None, storage: Storage | None = None) -> None:
         _check_reachable(address)
     if not ray.is_initialized():
         route_raylet_messages()
+        if address is None:
+            quiet_local_token_notice()
         try:
             with warnings.catch_warnings():  # our one line below says it, without Ray's advice
                 warnings.filterwarnings("ignore", "Ray Client connection timed out")
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
         except (ConnectionError, TimeoutError) as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise UserInputError(f"--address {address}: cannot join the cluster "
+            raise UserInputError(f"--address {shown(address)}: cannot join the cluster "
                                  f"({reason})") from None
     if address is not None and storage is not None:
         check_storage_reaches_every_node(storage)
@@ -57,13 +69,17 @@ def connect(address: str | None = None, storage: Storage | None = None) -> None:
 def _check_reachable(address: str) -> None:
     """Fail in seconds on a `ray://host[:port]` or `host:port` where nothing listens
     (`auto` is Ray's to resolve)."""
-    target = address.removeprefix("ray://")
-    if address == "auto" or "://" in target:
+    if address == "auto":
         return
+    target = address.removeprefix("ray://").rpartition("@")[2]
     host, colon, port = target.rpartition(":")
+    if ("://" in address and not address.startswith("ray://")) or "/" in target or not (
+            host or address.startswith("ray://")):
+        raise UserInputError(f"--address {shown(address)}: expected auto, ray://HOST[:PORT] "
+                             "or HOST:PORT")
     if not colon or not port.isdigit():  # no port: the Ray client's default
         if not address.startswith("ray://"):
-            raise UserInputError(f"--address {address}: expected auto, ray://HOST[:PORT] "
+            raise UserInputError(f"--address {shown(address)}: expected auto, ray://HOST[:PORT] "
                                  "or HOST:PORT")
         host, port = target, str(RAY_CLIENT_PORT)
     try:
@@ -71,7 +87,7 @@ def _check_reachable(address: str) -> None:
                                  timeout=ADDRESS_PROBE_TIMEOUT_S).close()
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise UserInputError(f"--address {address}: nothing answers at {host}:{port} "
+        raise UserInputError(f"--address {shown(address)}: nothing answers at {host}:{port} "
                              f"({reason})") from None
 
 

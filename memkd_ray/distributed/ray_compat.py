@@ -8,6 +8,7 @@ instead of misbehaving silently: a Ray upgrade shows up as a clear error naming 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import signal
 import threading
@@ -79,6 +80,15 @@ def route_raylet_messages() -> None:
 
     print_to_stdstream.routes_raylet_messages = True
     worker.print_to_stdstream = print_to_stdstream
+
+
+def quiet_local_token_notice() -> None:
+    """Every local `ray.init` logs "Token authentication is enabled for this Ray cluster..."
+    (ray._private.authentication): advice for a cluster's operator, not for a command that
+    starts its own single-machine cluster and stops it at the end. Joined clusters keep it."""
+    setup = _internal("local console", "ray._private.authentication."
+                      "authentication_token_setup", "logger")
+    setup.logger.setLevel(logging.ERROR)
 
 
 def keep_credentials_out_of_trials() -> None:

@@ -87,9 +87,16 @@ def saved_request(storage: Storage, path: str, run_id: str, command: str) -> dic
     storage paths)."""
     if not storage.exists(path):
         raise UserInputError(f"--resume {run_id}: no such {command} run in {storage.uri}")
-    request = json.loads(storage.read_bytes(path))
-    for category in request["categories"]:
-        plain_name("category", category)
+    try:
+        request = json.loads(storage.read_bytes(path))
+        names = request["categories"] if isinstance(request["config"], dict) else None
+    except (ValueError, KeyError, TypeError):
+        names = None
+    if not isinstance(names, list):
+        raise UserInputError(f"--resume {run_id}: {storage.uri_for(path)} is damaged (not the "
+                             f"request a {command} run saved)")
+    for category in names:
+        plain_name("category", str(category))
     return request
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-import yaml
 from ray import tune
 
 from memkd_ray.config import MemKDConfig, from_dict, get_dotted, set_dotted, validate
+from memkd_ray.config.loading import read_yaml
 from memkd_ray.errors import ConfigError
 
 DISTRIBUTIONS = {
@@ -23,11 +24,7 @@ def load_search_space(path: str) -> dict[str, dict[str, list]]:
 
     Every key is checked against the config by applying one value of its range.
     """
-    try:
-        with open(path) as handle:
-            space = yaml.safe_load(handle) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: search space file not found") from None
+    space = read_yaml(Path(path), "search space file") or {}
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"{path}: must map config keys to distributions")
     probe = {}

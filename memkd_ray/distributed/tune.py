@@ -151,6 +151,11 @@ def _new_request(cfg: MemKDConfig | None, categories: list[str], space: dict | N
         raise UserInputError(f"--select-on {select_on}: validation or test")
     if cfg is None or space is None:
         raise UserInputError("a new search needs a config and a search space")
+    if samples < 1:
+        raise UserInputError(f"--samples {samples}: must be at least 1")
+    if max_concurrent < 0:
+        raise UserInputError(f"--max-concurrent {max_concurrent}: must be 0 (what the cluster "
+                             "holds) or more")
     _scheduler(scheduler, 1)
     _search_algorithm(search, 1, 0, [])
     cfg, names, broken = preflight(cfg, categories, with_test=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -33,6 +34,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 class TeacherWeightsError(UserInputError):
     """A backbone or weights that cannot be found or do not fit."""
+
+
+class TeacherWeightsNotHere(TeacherWeightsError):
+    """Weights this machine does not have (a file or package the cluster's nodes may hold)."""
 
 
 def feature_stage_indices(name: str) -> tuple[int, ...]:
@@ -60,7 +65,7 @@ def check_teacher(name: str, weights: str) -> None:
     if weights not in ("hub", "none"):
         try:
             resolve_weights_file(weights)
-        except TeacherWeightsError:
+        except TeacherWeightsNotHere:
             pass
         else:
             Teacher(name, weights)  # checks the stage layout too
@@ -82,9 +87,15 @@ class Teacher(nn.Module):
         self.name = name
         self.weights = weights
         out_indices = feature_stage_indices(name)
-        self.backbone = timm.create_model(
-            name, pretrained=weights == "hub", features_only=True, out_indices=out_indices
-        )
+        try:
+            self.backbone = timm.create_model(
+                name, pretrained=weights == "hub", features_only=True, out_indices=out_indices
+            )
+        except (OSError, RuntimeError) as exc:  # no network, no such pretrained tag, ...
+            reason = " ".join(str(exc).split())[:200]
+            raise TeacherWeightsError(f"teacher.weights: hub: timm cannot load {name}'s "
+                                      f"pretrained weights ({type(exc).__name__}: {reason})"
+                                      ) from None
         if weights not in ("hub", "none"):
             self.backbone.load_state_dict(_backbone_state_dict(name, weights, self.backbone))
         self.channels: list[int] = list(self.backbone.feature_info.channels())
@@ -127,15 +138,17 @@ def resolve_weights_file(weights: str) -> Path:
     if not weights.startswith("package:"):
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise TeacherWeightsError(f"teacher.weights: file {path} not found")
+            raise TeacherWeightsNotHere(f"teacher.weights: file {path} not found")
         return path
     module_name = weights.removeprefix("package:")
     try:
         module = importlib.import_module(module_name)
-    except ImportError:
-        raise TeacherWeightsError(
-            f"teacher.weights: package {module_name} is not installed"
+    except (ImportError, ValueError, TypeError):
+        raise TeacherWeightsNotHere(
+            f"teacher.weights: package {module_name!r} is not installed"
         ) from None
+    if not getattr(module, "__file__", None):
+        raise TeacherWeightsError(f"teacher.weights: {module_name} is not a package of files")
     package_dir = Path(module.__file__).parent
     files = sorted(p for p in package_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
     if len(files) != 1:
@@ -148,7 +161,11 @@ def resolve_weights_file(weights: str) -> Path:
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Read tensors without unpickling arbitrary objects."""
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise TeacherWeightsError(f"teacher.weights: {path} is not a readable safetensors "
+                                      f"file ({str(exc).splitlines()[0][:200]})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:

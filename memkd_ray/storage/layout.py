@@ -193,8 +193,12 @@ def write_table(storage: Storage, path: str, rows: list[dict[str, Any]],
 
 def read_table(storage: Storage, path: str) -> list[dict[str, Any]]:
     """The rows of a table written by `write_table`, its pointers as URIs in this store."""
-    rows = pq.read_table(io.BytesIO(storage.read_bytes(path))).to_pylist()
     where = storage.uri_for(path)
+    try:
+        rows = pq.read_table(io.BytesIO(storage.read_bytes(path))).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise StorageError(f"{where}: unreadable table ({str(exc).splitlines()[0][:200]})"
+                           ) from None
     for row in rows:
         for name in POINTERS:
             if row.get(name):

@@ -26,9 +26,15 @@ class LocalStorage(Storage):
 
     @classmethod
     def open(cls, uri: str, flag: str = "--storage") -> LocalStorage:
-        root = _local(uri).expanduser().resolve()
-        if root.exists() and not root.is_dir():
-            raise StorageError(f"{flag} {uri}: not a directory")
+        if not uri:
+            raise StorageError(f"{flag}: empty (a directory, file:// or s3:// URI)")
+        try:
+            root = _local(uri).expanduser().resolve()
+            if root.exists() and not root.is_dir():
+                raise StorageError(f"{flag} {uri}: not a directory")
+        except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise StorageError(f"{flag} {uri}: {reason}") from None
         return cls(root.as_uri(), pafs.LocalFileSystem(), str(root))
 
     @classmethod
@@ -53,12 +59,15 @@ class LocalStorage(Storage):
     def write_bytes(self, path: str, data: bytes) -> None:
         """A sibling temporary file, then a rename."""
         parent = path.rsplit("/", 1)[0]
-        self.filesystem.create_dir(parent, recursive=True)
         staging = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
         try:
+            self.filesystem.create_dir(parent, recursive=True)
             with self.filesystem.open_output_stream(staging) as stream:
                 stream.write(data)
             self.filesystem.move(staging, path)
+        except OSError as exc:  # a read-only or full store
+            raise StorageError(f"{self.uri_for(path)}: cannot write "
+                               f"({str(exc).splitlines()[0][:200]})") from None
         finally:
             if self.exists(staging):
                 self.filesystem.delete_file(staging)

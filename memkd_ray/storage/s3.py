@@ -92,19 +92,19 @@ def _probe(session: Any, region: str, endpoint: str | None, bucket: str, where: 
     import botocore.config
     import botocore.exceptions
 
-    probe = session.client(
-        "s3", region_name=region, endpoint_url=endpoint,
-        config=botocore.config.Config(connect_timeout=S3_CONNECT_TIMEOUT_S,
-                                      read_timeout=S3_PROBE_TIMEOUT_S,
-                                      retries={"total_max_attempts": 1, "mode": "standard"}),
-    )
     try:
+        probe = session.client(
+            "s3", region_name=region, endpoint_url=endpoint,
+            config=botocore.config.Config(connect_timeout=S3_CONNECT_TIMEOUT_S,
+                                          read_timeout=S3_PROBE_TIMEOUT_S,
+                                          retries={"total_max_attempts": 1, "mode": "standard"}),
+        )
         probe.head_bucket(Bucket=bucket)
     except botocore.exceptions.ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("404", "NoSuchBucket"):
             raise StorageError(f"{where}: bucket {bucket} not found") from None
         raise StorageError(f"{where}: the bucket refused access ({code})") from None
-    except (botocore.exceptions.BotoCoreError, OSError) as exc:
-        reason = str(exc).splitlines()[0][:300]
+    except (botocore.exceptions.BotoCoreError, OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:300]  # botocore's reasons span lines
         raise StorageError(f"{where}: cannot reach the bucket ({reason})") from None
