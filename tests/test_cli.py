@@ -254,6 +254,8 @@ CKPT = "{run}/synthetic/mesh/checkpoint_epoch_0006"
          "--threshold nan: must be a finite number"),
         (["data", "synth", "--out", "{tmp}/synth", "--size", "100000"],
          "--size 100000: must be between 32 and 8192"),
+        (["data", "photos", "--out", "{tmp}/photos", "--source", "big={tmp}/bomb.png"],
+         "{tmp}/bomb.png: larger than the largest accepted image"),
         (["predict", "--checkpoint", CKPT, "{tmp}/float.tif", "--out", "{tmp}/pred"],
          "{tmp}/float.tif: 32-bit float pixels are not read"),
         (["data", "check", "--config", DEMO, "--data-root", "{tmp}/dangling"],

@@ -176,6 +176,8 @@ def test_broken_category_fails_alone(synth_root, tmp_path, capsys):
         # Accepts connections (the kernel's backlog) and never answers.
         ("s3://memkd-test/x", "silent", "cannot reach the bucket"),
         ("s3://no-such-bucket/x", None, "bucket no-such-bucket not found"),
+        # botocore's reason spans lines; all of it is kept, on one line.
+        ("s3://Bad_Bucket!!/x", None, 'Invalid bucket name "Bad_Bucket!!"'),
     ],
 )
 def test_unusable_s3_storage_is_a_quick_one_line_error(storage, endpoint, message, s3_endpoint,

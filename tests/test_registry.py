@@ -288,6 +288,14 @@ def test_a_copied_store_points_into_itself_and_no_pointer_leaves_it(model_and_co
     assert registry.best("synthetic", CATEGORY)["checkpoint_uri"] == inside
 
 
+def test_an_unusable_checkpoint_uri_names_the_checkpoint_flag(s3_endpoint, tmp_path, capsys):
+    code = main(["predict", "--checkpoint", "s3://no-such-bucket/run/ckpt",
+                 str(tmp_path / "x.png"), "--out", str(tmp_path / "pred")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "--checkpoint s3://no-such-bucket: bucket no-such-bucket not found" in err[0]
+
+
 def test_promote_says_when_there_is_nothing_to_promote(model_and_config, tmp_path, capsys):
     store = tmp_path / "store"
     publish_run(f"file://{store}", "run-ok", 0.9, model_and_config, tmp_path)
