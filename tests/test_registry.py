@@ -308,3 +308,16 @@ def test_promote_says_when_there_is_nothing_to_promote(model_and_config, tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert not (store / "registry").exists()
+
+
+def test_a_store_that_refuses_writes_is_a_one_line_error(model_and_config, tmp_path, capsys):
+    # Where a command must write, a file stands in the way (as a read-only or full disk would
+    # refuse the write): the report and a forced promotion say which object, in one line.
+    store = tmp_path / "store"
+    publish_run(f"file://{store}", "run-a", 0.9, model_and_config, tmp_path)
+    (store / "runs" / "run-a" / "report").write_text("in the way")
+    (store / "registry").write_text("in the way")
+    for argv in (["report", "run-a"], ["models", "promote", "run-a", "--force"]):
+        assert main([*argv, "--storage", str(store)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot write" in err[0], err
