@@ -103,11 +103,14 @@ class Progress:
         ray.kill(self.queue.actor)
 
     def _print(self) -> None:
+        noticed = time.monotonic()
         while not (self._stop.is_set() and self._empty()):
+            if time.monotonic() - noticed >= 1.0:  # however busy the queue is
+                self._notice()
+                noticed = time.monotonic()
             try:
                 message = self.queue.get(timeout=0.5)
             except Empty:
-                self._notice()
                 continue
             except ray.exceptions.RayError as exc:
                 # The queue's actor died (its node was lost): only the console lines are lost;
