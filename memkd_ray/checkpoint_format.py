@@ -36,17 +36,24 @@ _REQUIRED = {
 }
 
 
-def parse_checkpoint_meta(data: bytes, where: str) -> dict[str, Any]:
-    """checkpoint.json parsed and schema-checked; CheckpointError names `where`."""
+def parse_json_object(data: bytes, where: str, fields: dict[str, type]) -> dict[str, Any]:
+    """A stored JSON object whose `fields` are present with their types (checkpoint.json, a
+    registry card); CheckpointError names `where` and the first field that is not."""
     try:
-        meta = json.loads(data)
+        parsed = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{where}: not valid JSON") from None
-    if not isinstance(meta, dict):
+    if not isinstance(parsed, dict):
         raise CheckpointError(f"{where}: top level must be an object")
-    for key, kind in _REQUIRED.items():
-        if not isinstance(meta.get(key), kind):
+    for key, kind in fields.items():
+        if not isinstance(parsed.get(key), kind):
             raise CheckpointError(f"{where}: field {key!r} missing or not a {kind.__name__}")
+    return parsed
+
+
+def parse_checkpoint_meta(data: bytes, where: str) -> dict[str, Any]:
+    """checkpoint.json parsed and schema-checked; CheckpointError names `where`."""
+    meta = parse_json_object(data, where, _REQUIRED)
     teacher = meta["teacher"]
     for key, kind, required in (("name", str, True), ("weights", str, True),
                                 ("weights_sha256", str, False), ("mean", list, False),

@@ -32,6 +32,7 @@ from memkd_ray.checkpoint_format import (
     META_FILE,
     WEIGHTS_FILE,
     parse_checkpoint_meta,
+    parse_json_object,
     verify_checkpoint_dir,
 )
 from memkd_ray.config import from_dict
@@ -289,15 +290,7 @@ _CARD_FIELDS = {"benchmark": str, "category": str, "checkpoint_uri": str, "metri
 
 
 def _parse_card(data: bytes, where: str) -> dict[str, Any]:
-    try:
-        card = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{where}: not valid JSON") from None
-    if not isinstance(card, dict):
-        raise CheckpointError(f"{where}: top level must be an object")
-    for key, kind in _CARD_FIELDS.items():
-        if not isinstance(card.get(key), kind):
-            raise CheckpointError(f"{where}: field {key!r} missing or not a {kind.__name__}")
+    card = parse_json_object(data, where, _CARD_FIELDS)
     for key in METRIC_KEYS:
         if not isinstance(card["metrics"].get(key), (int, float)):
             raise CheckpointError(f"{where}: metric {key!r} missing or not a number")
