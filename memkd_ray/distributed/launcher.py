@@ -201,10 +201,11 @@ def run_in_threads(
 
 def _train_category(cfg: MemKDConfig, category: str, layout: RunLayout, progress: Progress,
                     flag: Any, train_loop: TrainLoop) -> dict:
-    storage_path, filesystem = layout.benchmark_dir(cfg.data.benchmark), layout.storage.filesystem
+    filesystem = layout.storage.filesystem
     loop_config = {"category": category, "progress": progress.queue, "stop_flag": flag,
-                   "run_dir": (filesystem, f"{storage_path}/{category}")}
-    trainer = category_trainer(train_loop, loop_config, cfg, category, storage_path, filesystem)
+                   "run_dir": (filesystem, layout.category_dir(cfg.data.benchmark, category))}
+    trainer = category_trainer(train_loop, loop_config, cfg, category,
+                               layout.benchmark_dir(cfg.data.benchmark), filesystem)
     began = time.perf_counter()
     progress.launched(category)
     try:

@@ -203,11 +203,11 @@ def _search_category(spec: dict[str, Any], base: MemKDConfig, category: str,
     filesystem = layout.storage.filesystem
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec, category=category,
-                             storage_path=f"{experiment_root}/{category}-train",
+                             storage_path=layout.trials_dir(base.data.benchmark, category),
                              filesystem=filesystem, train_loop=train_loop),
         {"CPU": 0.01},  # the trial only waits on its Train run, which holds the real resources
     )
-    path = f"{experiment_root}/{category}"
+    path = layout.category_dir(base.data.benchmark, category)
     if resume and tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=filesystem)

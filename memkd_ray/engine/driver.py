@@ -21,11 +21,16 @@ from torch.utils.data import Dataset
 
 from memkd_ray.config import MemKDConfig
 from memkd_ray.data import CategoryData, read_configured_category
-from memkd_ray.data.datasets import ArrayImages, TestImages, load_training_images
+from memkd_ray.data.datasets import ArrayImages, load_training_images
 from memkd_ray.data.sample import Sample
 from memkd_ray.data.validation import make_validation_split
 from memkd_ray.engine.devices import maybe_compile, place_model, resolve_device
-from memkd_ray.engine.evaluation import Evaluation, calibrate_normal_map, evaluate_dataset
+from memkd_ray.engine.evaluation import (
+    Evaluation,
+    calibrate_normal_map,
+    evaluate_dataset,
+    labelled_test_images,
+)
 from memkd_ray.engine.features import training_features
 from memkd_ray.engine.optimization import (
     MemKDObjective,
@@ -68,8 +73,7 @@ class Scoring:
     @classmethod
     def test_split(cls, samples: list[Sample], image_size: int,
                    every_epoch: bool = False) -> Scoring:
-        labels = np.array([s.label for s in samples], dtype=np.int64)
-        return cls(TestImages(samples, image_size), labels, every_epoch=every_epoch,
+        return cls(*labelled_test_images(samples, image_size), every_epoch=every_epoch,
                    samples=samples)
 
     def due(self, epoch: int, last: bool, every: int) -> bool:

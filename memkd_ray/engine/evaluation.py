@@ -74,8 +74,15 @@ def evaluate(
     model: MemKD, samples: list[Sample], cfg: MemKDConfig, device: torch.device
 ) -> Evaluation:
     """Maps and the five metrics on a category's test samples."""
-    labels = np.array([s.label for s in samples], dtype=np.int64)
-    return evaluate_dataset(model, TestImages(samples, cfg.data.image_size), labels, cfg, device)
+    images, labels = labelled_test_images(samples, cfg.data.image_size)
+    return evaluate_dataset(model, images, labels, cfg, device)
+
+
+def labelled_test_images(
+    samples: list[Sample], image_size: int
+) -> tuple[Dataset, np.ndarray]:
+    """Test samples as evaluate_dataset reads them: (image, mask) pairs and the labels."""
+    return TestImages(samples, image_size), np.array([s.label for s in samples], np.int64)
 
 
 def evaluate_dataset(

@@ -110,6 +110,14 @@ class RunLayout:
         """Where Ray Train puts one run directory per category (`RunConfig.storage_path`)."""
         return f"{self.run_dir}/{plain_name('benchmark', benchmark)}"
 
+    def category_dir(self, benchmark: str, category: str) -> str:
+        """A category's Ray Train run (its checkpoints), or under `tune` its search."""
+        return f"{self.benchmark_dir(benchmark)}/{plain_name('category', category)}"
+
+    def trials_dir(self, benchmark: str, category: str) -> str:
+        """Under `tune`, where the Ray Train runs of a category's trials go."""
+        return f"{self.category_dir(benchmark, category)}-train"
+
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_epoch_(\d{4,})")
 
