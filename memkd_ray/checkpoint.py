@@ -30,6 +30,7 @@ from memkd_ray.checkpoint_format import (
     verify_checkpoint_dir,
 )
 from memkd_ray.config import MemKDConfig
+from memkd_ray.decision import Decision
 from memkd_ray.engine import TrainState
 from memkd_ray.errors import CheckpointError
 from memkd_ray.eval_record import RECORD_DIR
@@ -64,12 +65,14 @@ def save_checkpoint(
     state: TrainState | None = None,
     category: str | None = None,
     evaluation_record: dict[str, bytes] | None = None,
+    decision: Decision | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically: it appears complete or not at all.
 
     With `state`, the optimiser, RNG and epoch history are saved too, so that training can
     resume exactly where it stopped (`restore_training_state`); `evaluation_record`
-    (eval_record.encode_eval_record) is the test evaluation kept for the report.
+    (eval_record.encode_eval_record) is the test evaluation kept for the report; `decision`
+    the threshold fitted after the last epoch (decision.py).
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +98,7 @@ def save_checkpoint(
             "package_version": __version__,
             "sha256": sha256_file(staging / WEIGHTS_FILE),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "decision": None if decision is None else decision.to_dict(),
         }
         if state is not None:
             meta["training_state"] = _save_training_state(state, staging / STATE_FILE)

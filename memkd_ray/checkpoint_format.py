@@ -2,7 +2,8 @@
 
     model.safetensors           student and memory tensors
     training_state.safetensors  optimiser moments and RNG (checkpoints taken during training)
-    checkpoint.json             config, epoch, metrics, teacher, package version, sha256s
+    checkpoint.json             config, epoch, metrics, teacher, package version, sha256s,
+                                the decision threshold (null before the last epoch)
 
 The registry, the report and `models list|show` read checkpoints through this module only, so
 they run where torch is not installed; checkpoint.py writes and loads the tensors.
@@ -16,6 +17,7 @@ from typing import Any
 
 from memkd_ray import __version__
 from memkd_ray.config import MemKDConfig, from_dict, validate
+from memkd_ray.decision import Decision, parse_decision
 from memkd_ray.errors import CheckpointError, ConfigError
 from memkd_ray.files import sha256_file
 
@@ -71,10 +73,16 @@ def parse_checkpoint_meta(data: bytes, where: str) -> dict[str, Any]:
         raise CheckpointError(f"{where}: field 'category' must be a string")
     if not isinstance(meta.get("training_state", {}), dict):
         raise CheckpointError(f"{where}: field 'training_state' must be an object")
+    parse_decision(meta.get("decision"), where)
     if meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{where}: format {meta['format_version']} is newer than "
                               f"this memkd-ray ({__version__}) reads")
     return meta
+
+
+def checkpoint_decision(meta: dict[str, Any], where: str) -> Decision | None:
+    """The decision a checkpoint carries; None for one trained without (or before) them."""
+    return parse_decision(meta.get("decision"), where)
 
 
 def verify_checkpoint_dir(directory: Path) -> tuple[dict[str, Any], MemKDConfig]:

@@ -15,6 +15,11 @@ class DataError(UserInputError):
     """A benchmark tree, image or mask that cannot be used."""
 
 
+class ImageTooLargeError(DataError):
+    """An image whose header declares more pixels than this package decodes (a likely
+    decompression bomb)."""
+
+
 class CheckpointError(UserInputError):
     """A checkpoint that is missing, malformed or fails its integrity check."""
 

@@ -123,7 +123,8 @@ def encode_eval_record(
 
 def decode_eval_record(files: dict[str, bytes]) -> EvalRecord:
     """Parse the bytes `encode_eval_record` produced."""
-    curves_table = pq.read_table(io.BytesIO(files[CURVES_FILE])).to_pydict()
+    # No thread pool: see storage.layout.parquet_rows.
+    curves_table = pq.read_table(io.BytesIO(files[CURVES_FILE]), use_threads=False).to_pydict()
     names = np.array(curves_table["curve"], dtype=object)
     xs, ys = np.array(curves_table["x"]), np.array(curves_table["y"])
     curves = {name: (xs[names == name], ys[names == name]) for name in CURVES
@@ -135,7 +136,7 @@ def decode_eval_record(files: dict[str, bytes]) -> EvalRecord:
         examples.setdefault(role, {})[part] = value
     metadata = _safetensors_metadata(files[EXAMPLES_FILE])
     return EvalRecord(
-        images=pq.read_table(io.BytesIO(files[IMAGES_FILE])).to_pylist(),
+        images=pq.read_table(io.BytesIO(files[IMAGES_FILE]), use_threads=False).to_pylist(),
         curves=curves,
         examples={role: examples[role] for role in EXAMPLE_ROLES if role in examples},
         map_range=(float(metadata["map_low"]), float(metadata["map_high"])),

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ import torch
 from memkd_ray.config import MemKDConfig
 from memkd_ray.data.datasets import DecodedImages, to_float
 from memkd_ray.data.sample import Sample
+from memkd_ray.decision import Decision
 from memkd_ray.engine import Evaluation, image_loader, predict_maps, resolve_precision
 from memkd_ray.model import MemKD
 from memkd_ray.predictions import prediction_samples, write_predictions
@@ -61,9 +63,10 @@ def _text(name: str) -> str:
 
 def predict_images(
     model: MemKD, paths: Sequence[Path], cfg: MemKDConfig, out: str | Path, device: torch.device,
-) -> dict[str, float]:
+    decision: Decision | None,
+) -> dict[str, dict[str, Any]]:
     """Score images with a torch model and write what `predictions.write_predictions` does;
-    returns {path: image score}.
+    returns {path: score and decision}.
 
     Images are decoded by `train.loader_workers` processes and predicted in batches of
     `eval.batch_size` under `eval.precision`, with the map settings of `cfg` (the checkpoint's).
@@ -83,4 +86,4 @@ def predict_images(
     # One transfer for the whole set: the device is not waited on between batches.
     return write_predictions(samples, torch.cat(images).permute(0, 2, 3, 1).numpy(),
                              torch.cat(maps).cpu().numpy(), torch.cat(scores).cpu().tolist(),
-                             out)
+                             out, decision)

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from memkd_ray.data.sample import Sample, validate_samples
+from memkd_ray.decision import Decision, decide
 
 SCORES_FILE = "scores.json"
 
@@ -38,10 +40,11 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
 
 def write_predictions(
     samples: Sequence[Sample], images: np.ndarray, maps: np.ndarray, scores: Sequence[float],
-    out: str | Path,
-) -> dict[str, float]:
+    out: str | Path, decision: Decision | None,
+) -> dict[str, dict[str, Any]]:
     """Write `NNNN_<stem>.png` overlays (NNNN = position in `samples`, so equal file names from
-    different folders never collide) and `scores.json`; returns {path: image score}.
+    different folders never collide) and `scores.json`; returns {path: {score,
+    normalized_score, anomalous}} (the last two null for a model without a decision).
 
     `images` are uint8 (N, S, S, 3) and `maps` float (N, S, S). Overlays share one colour
     scale (the lowest to the highest map value over all given images), so brighter means
@@ -55,6 +58,7 @@ def write_predictions(
         heat = heat_colours((amap - low) / max(high - low, 1e-12))
         blended = (0.55 * image + 0.45 * heat).astype(np.uint8)
         Image.fromarray(blended).save(out / f"{index:04d}_{sample.image_path.stem}.png")
-    result = {str(s.image_path): float(v) for s, v in zip(samples, scores, strict=True)}
+    result = {str(s.image_path): answer
+              for s, answer in zip(samples, decide(scores, decision), strict=True)}
     (out / SCORES_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -16,6 +16,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from memkd_ray.cli import main
+from memkd_ray.decision import DECISION_RATE_KEYS
 from memkd_ray.metrics import METRIC_KEYS, compute_metrics
 from tests.conftest import CONFIGS
 
@@ -38,7 +39,7 @@ def test_train_writes_the_storage_layout_and_results(trained_run):
             "model.safetensors", "checkpoint.json", "training_state.safetensors", "evaluation"}
         meta = json.loads((checkpoint / "checkpoint.json").read_text())
         assert meta["epoch"] == 6
-        assert meta["metrics"] == {k: row[k] for k in METRIC_KEYS}
+        assert meta["metrics"] == {k: row[k] for k in (*METRIC_KEYS, *DECISION_RATE_KEYS)}
     # Each category's checkpoint was offered to the registry, which took it (first run).
     for row in rows:
         assert f"registry: synthetic/{row['category']} <- run {run_dir.name}" in result.stdout
@@ -184,6 +185,12 @@ CKPT = "{run}/synthetic/mesh/checkpoint_epoch_0006"
          "--checkpoint {tmp}/file: not a directory"),
         (["train", "--config", DEMO, "--data-root", "{synth}", "--set", "train.lr=.inf"],
          "train.lr must be a finite number > 0, got inf"),
+        (["train", "--config", DEMO, "--data-root", "{synth}", "--set", "decision.target_fpr=0"],
+         "decision.target_fpr must be a finite number > 0 and < 0.5, got 0"),
+        (["train", "--config", DEMO, "--data-root", "{synth}", "--set",
+          "decision.holdout_fraction=0.7"],
+         "decision.holdout_fraction must be a finite number >= 0 and < 0.5, got 0.7"),
+        (["serve", "--storage", "{tmp}/empty-store"], "no model registered for any category"),
         (["train", "--config", DEMO, "--data-root", "{synth}", "--set", "train.device=cuda"],
          "train.device cuda needs distributed.gpus_per_worker > 0"),
         (["eval", "--checkpoint", CKPT, "--data-root", "{synth}", "--category", "mesh",

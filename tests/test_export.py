@@ -70,7 +70,10 @@ def test_export_writes_one_checked_self_describing_graph(exported, store):
                                 "opset": 18, "batch": "dynamic"}
     assert sidecar["input"]["size"] == 128 and sidecar["input"]["shape"] == ["N", 3, 128, 128]
     assert sidecar["normalisation"]["mean"] == meta["teacher"]["mean"] == [0.5, 0.5, 0.5]
-    assert sidecar["score_threshold"] == 0.5
+    # --threshold replaces the calibrated threshold and keeps its spread.
+    calibrated = meta["decision"]
+    assert sidecar["decision"] == {**calibrated, "threshold": 0.5, "method": "user",
+                                   "target_fpr": None, "held_out_images": 0}
     source = sidecar["source"]
     assert source["checkpoint"] == REFERENCE and source["category"] == "stripes"
     assert source["checkpoint_json_sha256"] == sha256_file(checkpoint / META_FILE)
@@ -106,7 +109,9 @@ def test_predict_with_the_export_needs_no_torch_and_matches_torch(exported, stor
     assert scores == json.loads((pred / "scores.json").read_text())
     assert list(scores) == [str(p) for p in images]
     assert len(list(pred.glob("*.png"))) == len(images)
-    assert scores[str(defect)] > scores[str(normal)]
+    assert scores[str(defect)]["score"] > scores[str(normal)]["score"]
+    assert [scores[str(p)]["anomalous"] for p in (normal, defect)] == [
+        scores[str(p)]["score"] > 0.5 for p in (normal, defect)]
 
     # The same images through the torch model: maps and scores agree to the tolerance.
     model, checkpoint = load_model(fetch_checkpoint(REFERENCE, str(store)))
@@ -115,8 +120,9 @@ def test_predict_with_the_export_needs_no_torch_and_matches_torch(exported, stor
     torch_maps, torch_scores = predict_maps(model, pixels, checkpoint.config)
     onnx_maps, onnx_scores = OnnxScorer.open(out / ONNX_FILE).score(decoded)
     assert np.abs(onnx_maps - torch_maps.numpy()).max() <= PARITY_TOLERANCE
-    assert np.abs(np.array(list(scores.values())) - torch_scores.numpy()).max() <= PARITY_TOLERANCE
-    np.testing.assert_array_equal(onnx_scores, np.array(list(scores.values()), np.float32))
+    raw = np.array([answer["score"] for answer in scores.values()])
+    assert np.abs(raw - torch_scores.numpy()).max() <= PARITY_TOLERANCE
+    np.testing.assert_array_equal(onnx_scores, raw.astype(np.float32))
 
 
 def test_fixed_batch_export_replaces_an_export_and_pads_the_last_batch(exported, store,

@@ -43,6 +43,8 @@ EXPECTED_KINDS = {
     "kuberay/cluster/raycluster.yaml": ["RayCluster"],
     "kuberay/job/kustomization.yaml": ["Kustomization"],
     "kuberay/job/rayjob.yaml": ["RayJob"],
+    "kuberay/serve/kustomization.yaml": ["Kustomization"],
+    "kuberay/serve/rayservice.yaml": ["RayService"],
     "kuberay/data/kustomization.yaml": ["Kustomization"],
     "kuberay/data/pvc.yaml": ["PersistentVolumeClaim"],
     "kuberay/data/loader.yaml": ["Pod"],
@@ -130,6 +132,26 @@ def test_raycluster_has_a_gpu_group_autoscaling_and_token_auth():
                 container["volumeMounts"])
 
 
+def test_rayservice_builds_the_real_serve_application_with_a_token():
+    from memkd_ray.serving import app
+
+    service = one("kuberay/serve/rayservice.yaml")
+    assert service["apiVersion"] == "ray.io/v1"
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (application,) = config["applications"]
+    module, _, builder = application["import_path"].partition(":")
+    assert module == app.__name__ and getattr(app, builder) is app.app_builder
+    options = app.ServeOptions(**application["args"])  # every key is an option of serve
+    assert options.token_env == "MEMKD_SERVE_TOKEN" and options.backend == "onnx"
+    for pod in pod_specs(cluster):
+        for container in pod["containers"]:
+            assert {"secretRef": {"name": "memkd-s3"}} in container["envFrom"]
+            assert {"name": "MEMKD_SERVE_TOKEN", "valueFrom": {"secretKeyRef": {
+                "name": "memkd-serve-token", "key": "token"}}} in container["env"]
+
+
 def test_rayjob_runs_the_real_cli_on_a_real_config_on_the_same_cluster():
     job = one("kuberay/job/rayjob.yaml")
     spec = job["spec"]
@@ -207,7 +229,7 @@ def test_every_secret_the_manifests_use_is_created_in_the_readme():
         referenced |= set(re.findall(r'"secretRef": \{"name": "([^"]+)"', text))
         referenced |= set(re.findall(r'"secretKeyRef": \{"name": "([^"]+)"', text))
         referenced |= set(re.findall(r'"secretName": "([^"]+)"', text))
-    assert referenced == {"memkd-s3", "memkd-minio", "memkd-ray-auth"}
+    assert referenced == {"memkd-s3", "memkd-minio", "memkd-ray-auth", "memkd-serve-token"}
     readme = (INFRA / "README.md").read_text()
     for name in referenced:
         assert re.search(rf"create secret generic {name}\b", readme), name
@@ -236,7 +258,8 @@ def kubectl() -> str:
     return on_path
 
 
-@pytest.mark.parametrize("kustomization", ["kuberay/cluster", "kuberay/job", "kuberay/data",
+@pytest.mark.parametrize("kustomization", ["kuberay/cluster", "kuberay/job", "kuberay/serve",
+                                           "kuberay/data",
                                            "minio"])
 def test_kustomize_renders_the_image_parameter_everywhere(kustomization):
     result = subprocess.run([kubectl(), "kustomize", str(INFRA / kustomization)],
@@ -507,7 +530,7 @@ def test_in_job_evaluator_tests_every_registered_category(registry_with_mesh, sy
     lines = result.stdout.splitlines()
     assert re.fullmatch(r"mesh: I-AUROC \d+\.\d", lines[0])
     assert lines[1].split() == ["category", "I-AUROC", "I-AP", "P-AUROC", "P-AP", "AU-PRO",
-                                "status"]
+                                "normal", "flagged", "caught", "status"]
     assert lines[2].split()[0] == "mesh" and lines[2].split()[-1] == "ok"
 
 

@@ -321,3 +321,14 @@ def test_a_store_that_refuses_writes_is_a_one_line_error(model_and_config, tmp_p
         assert main([*argv, "--storage", str(store)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "cannot write" in err[0], err
+
+
+def test_reading_stored_tables_never_aborts_the_process_at_exit(model_and_config, tmp_path):
+    # pyarrow's thread pool, used to read a Parquet table, aborted about a third of the
+    # processes at exit ("terminate called without an active exception", exit -6).
+    store = f"file://{tmp_path / 'store'}"
+    publish_run(store, "run-a", 0.9, model_and_config, tmp_path)
+    for _ in range(12):
+        result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "runs", "list",
+                                 "--storage", store], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-500:]

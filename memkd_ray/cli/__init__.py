@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from memkd_ray.cli import models, training
+from memkd_ray.cli import models, serving, training
 from memkd_ray.cli.parser import build_parser
 from memkd_ray.cli.training import EXIT_INTERRUPTED
 from memkd_ray.errors import UserInputError, VerificationError
@@ -18,7 +18,8 @@ from memkd_ray.errors import UserInputError, VerificationError
 log = logging.getLogger("memkd_ray")
 HANDLERS = {"data": training.data, "train": training.train, "tune": training.tune,
             "eval": models.evaluate_checkpoint, "predict": models.predict, "export": models.export,
-            "models": models.models, "runs": models.runs, "report": models.report}
+            "models": models.models, "runs": models.runs, "report": models.report,
+            "serve": serving.serve}
 
 __all__ = ["build_parser", "main"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 
 from memkd_ray.cli.tables import (
@@ -44,6 +45,7 @@ def predict(args: argparse.Namespace) -> None:
         _predict_onnx(args)
         return
     from memkd_ray.checkpoint import load_model
+    from memkd_ray.checkpoint_format import META_FILE, checkpoint_decision
     from memkd_ray.engine import place_model, resolve_device
     from memkd_ray.inference import predict_images
     from memkd_ray.storage.registry import fetch_checkpoint
@@ -53,17 +55,29 @@ def predict(args: argparse.Namespace) -> None:
     model, checkpoint = load_model(fetch_checkpoint(args.checkpoint, args.storage), device)
     cfg = checkpoint.config
     model = place_model(model, cfg, device)
-    scores = predict_images(model, args.images, cfg, args.out, device)
-    print(json.dumps(scores, indent=2))
+    decision = checkpoint_decision(checkpoint.meta, str(checkpoint.directory / META_FILE))
+    answers = predict_images(model, args.images, cfg, args.out, device, decision)
+    _note_missing_decision(decision)
+    print(json.dumps(answers, indent=2))
+
+
+def _note_missing_decision(decision: object) -> None:
+    """After the answers: a run that fails says one line, its reason, and nothing else."""
+    if decision is None:
+        from memkd_ray.decision import NO_DECISION_NOTE
+
+        print(f"note: {NO_DECISION_NOTE}", file=sys.stderr)
 
 
 def _predict_onnx(args: argparse.Namespace) -> None:
     """`predict` with an ONNX export: ONNX Runtime only, torch is never imported."""
-    from memkd_ray.deploy.runtime import predict_with_onnx
+    from memkd_ray.deploy.runtime import OnnxScorer, predict_with_onnx
 
     writable_dir("--out", args.out)
-    scores = predict_with_onnx(args.checkpoint, args.images, args.out)
-    print(json.dumps(scores, indent=2))
+    scorer = OnnxScorer.open(args.checkpoint)
+    answers = predict_with_onnx(scorer, args.images, args.out)
+    _note_missing_decision(scorer.decision)
+    print(json.dumps(answers, indent=2))
 
 
 def export(args: argparse.Namespace) -> None:

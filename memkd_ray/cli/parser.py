@@ -95,6 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--threshold", type=float,
                         help="image score above which a part is anomalous, recorded for the line")
 
+    service = commands.add_parser(
+        "serve", help="serve the registry's best models over HTTP (Ray Serve)")
+    service.add_argument("--storage", default=DEFAULT_STORAGE, help="the registry's storage")
+    service.add_argument("--benchmark", help="serve this benchmark only (default: all)")
+    service.add_argument("--category", nargs="+", default=[], help="serve these categories only")
+    service.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
+                         help="ONNX Runtime (exported once per checkpoint, cached) or torch")
+    service.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    service.add_argument("--port", type=int, default=8000)
+    service.add_argument("--replicas", type=int, default=1, help="model-pool replicas")
+    service.add_argument("--cpus-per-replica", type=float, default=1.0)
+    service.add_argument("--models-per-replica", type=int, default=4,
+                         help="models a replica keeps loaded (least recently used unloaded)")
+    service.add_argument("--max-batch", type=int, default=8,
+                         help="requests scored together at most")
+    service.add_argument("--refresh", type=float, default=10.0, metavar="SECONDS",
+                         help="how often the registry is read for new best models")
+    service.add_argument("--token-env", metavar="VAR", help="require `Authorization: Bearer "
+                         "<token>`, the token read from this environment variable")
+    service.add_argument("--address", help="Ray cluster to join (default: a local one)")
+
     models = commands.add_parser("models", help="the model registry: best model per category")
     model_commands = models.add_subparsers(dest="models_command", required=True)
     listing = model_commands.add_parser("list", help="best model of every category")

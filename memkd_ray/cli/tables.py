@@ -63,14 +63,20 @@ def format_models_table(cards: list[dict]) -> str:
     return render_table(lines)
 
 
+DECISION_LABELS = {"normal_flag_rate": "normal flagged", "defect_catch_rate": "caught"}
+
+
 def format_results_table(rows: list[dict]) -> str:
-    """Per-category metrics in percent with one decimal (the paper's units), plus the mean."""
-    header = ["category", *METRIC_LABELS.values(), "status"]
-    lines = [[row["category"], *(percent(row[key]) for key in METRIC_LABELS),
+    """Per-category metrics in percent with one decimal (the paper's units), plus the mean;
+    and, at each category's decision threshold, the test normals flagged and defects caught
+    (runs from before decisions have no such columns)."""
+    labels = {**METRIC_LABELS, **DECISION_LABELS}
+    header = ["category", *labels.values(), "status"]
+    lines = [[row["category"], *(percent(row.get(key, math.nan)) for key in labels),
               row.get("status", "ok")] for row in rows]
     done = [row for row in rows if row.get("status", "ok") == "ok"]
     if len(done) > 1:
-        means = [percent(nan_mean([row[key] for row in done])) for key in METRIC_LABELS]
+        means = [percent(nan_mean([row.get(key, math.nan) for row in done])) for key in labels]
         lines.append(["mean", *means, f"{len(done)} ok"])
     return render_table([header, *lines])
 

@@ -39,15 +39,17 @@ _BOUNDS = (
         "train.num_threads": 0, "train.feature_cache_max_gb": 0, "train.loader_workers": 0,
         "eval.gaussian_sigma": 0, "distributed.gpus_per_worker": 0,
         "distributed.max_failures": 0, "distributed.max_concurrent_categories": 0,
-        "distributed.placement_timeout_s": 0}),
+        "distributed.placement_timeout_s": 0, "decision.holdout_fraction": 0,
+        "decision.min_holdout": 2}),
     (operator.gt, ">", dict.fromkeys((
         "memory.temperature", "student.width_ratio", "train.lr",
         "train.feature_cache_device_share", "distributed.cpus_per_worker",
         "data.folder_test_fraction", "tune.validation_normal_fraction",
-        "tune.validation_defect_fraction"), 0)),
+        "tune.validation_defect_fraction", "decision.target_fpr"), 0)),
     (operator.le, "<=", {"data.eyecandies_light": 5, "train.feature_cache_device_share": 1}),
     (operator.lt, "<", {"data.folder_test_fraction": 1, "tune.validation_normal_fraction": 0.5,
-                        "tune.validation_defect_fraction": 0.5}),
+                        "tune.validation_defect_fraction": 0.5, "decision.target_fpr": 0.5,
+                        "decision.holdout_fraction": 0.5}),
 )
 _LISTS = {  # key: (length, smallest item, what the list holds)
     "memory.items": (3, 0, "three non-negative item counts"),

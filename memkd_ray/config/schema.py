@@ -184,6 +184,20 @@ class TuneConfig:
 
 
 @dataclass
+class DecisionConfig:
+    """The per-category threshold that says "anomalous", fitted after training on normal
+    training images held out from it (memkd_ray/decision.py); the test split never chooses."""
+
+    target_fpr: float = 0.01
+    """Share of normal images the threshold is meant to flag."""
+    holdout_fraction: float = 0.1
+    """Share of the training images held out, untrained on, to fit the threshold; 0 trains on
+    all of them and the model carries no decision (the paper's training set)."""
+    min_holdout: int = 5
+    """Held-out images at least, whatever the fraction (a spread needs a few)."""
+
+
+@dataclass
 class MemKDConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -194,6 +208,7 @@ class MemKDConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,11 +9,12 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from memkd_ray.errors import DataError, UserInputError
+from memkd_ray.errors import DataError, ImageTooLargeError, UserInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 """Image files by suffix, in any case (`.PNG`, `.Jpg`)."""
@@ -39,16 +40,7 @@ class Sample:
 
     def load_image(self, size: int | None = None) -> np.ndarray:
         """RGB uint8 array (H, W, 3); grayscale and palette images become RGB."""
-        image = open_image(self.image_path, decode=True)
-        if image.mode.startswith("I"):
-            # 16-bit grey (PIL reads such PNGs and TIFFs as I;16 or I): scaled to 8 bits;
-            # PIL's convert() would clip every value above 255 to white.
-            grey = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
-            image = Image.fromarray(np.rint(grey).clip(0, 255).astype(np.uint8), "L")
-        image = image.convert("RGB")
-        if size is not None:
-            image = image.resize((size, size), Image.BILINEAR)
-        return np.array(image)
+        return rgb_pixels(open_image(self.image_path, decode=True), size)
 
     def load_mask(self, size: int | None = None) -> np.ndarray:
         """Binary uint8 mask (H, W) with 1 on anomalous pixels; zeros without a mask file."""
@@ -60,6 +52,20 @@ class Sample:
         if size is not None:
             mask = mask.resize((size, size), Image.NEAREST)
         return binarise_mask(mask)
+
+
+def rgb_pixels(image: Image.Image, size: int | None = None) -> np.ndarray:
+    """A decoded image as RGB uint8 (H, W, 3), resized bilinearly to `size` x `size` if given:
+    how every image the models see is made, from a file or from bytes (serving)."""
+    if image.mode.startswith("I"):
+        # 16-bit grey (PIL reads such PNGs and TIFFs as I;16 or I): scaled to 8 bits;
+        # PIL's convert() would clip every value above 255 to white.
+        grey = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        image = Image.fromarray(np.rint(grey).clip(0, 255).astype(np.uint8), "L")
+    image = image.convert("RGB")
+    if size is not None:
+        image = image.resize((size, size), Image.BILINEAR)
+    return np.array(image)
 
 
 def binarise_mask(mask: Image.Image) -> np.ndarray:
@@ -129,19 +135,22 @@ def check_generated_side(size: int) -> int:
     return size
 
 
-def open_image(path: Path, decode: bool = False) -> Image.Image:
-    """Open an image (header only unless `decode`); any failure is a DataError naming it.
+def open_image(source: Path | BinaryIO, decode: bool = False,
+               name: str | None = None) -> Image.Image:
+    """Open an image file, or a binary stream called `name` (header only unless `decode`);
+    any failure is a DataError naming it.
 
     Images above MAX_IMAGE_PIXELS are refused from the header, before any decoding: PIL alone
     would decode anything up to twice its own bomb limit (178 Mpx) with just a warning."""
+    path = source if name is None else name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(source)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except Image.DecompressionBombError:
-        raise DataError(f"{path}: {_too_large}") from None
+        raise ImageTooLargeError(f"{path}: {_too_large}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: unreadable image ({exc.__class__.__name__})") from None
     width, height = image.size
@@ -150,7 +159,7 @@ def open_image(path: Path, decode: bool = False) -> Image.Image:
         raise DataError(f"{path}: 32-bit float pixels are not read; save it with 8 or 16 bits")
     if width * height > MAX_IMAGE_PIXELS:
         image.close()
-        raise DataError(f"{path}: {width}x{height} pixels: {_too_large}")
+        raise ImageTooLargeError(f"{path}: {width}x{height} pixels: {_too_large}")
     if decode:
         try:
             image.load()

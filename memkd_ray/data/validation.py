@@ -74,6 +74,24 @@ def make_validation_split(
     )
 
 
+def hold_out_normals(
+    train: list[Sample], seed: int, fraction: float, min_count: int
+) -> tuple[list[Sample], list[Sample]]:
+    """(training samples left, held-out samples): a seeded `fraction` of the training images,
+    at least `min_count`, kept from training to fit the decision threshold on. Nothing is
+    held out when `fraction` is 0 or when fewer images than held out would be left to train
+    on; the same seed always holds out the same images (a resumed run trains on the same set).
+    """
+    count = len(train)
+    held = max(min_count, round(fraction * count))
+    if fraction == 0 or count - held < held:
+        return train, []
+    order = np.random.default_rng([seed, 20261207]).permutation(count)
+    kept = set(order[held:].tolist())
+    return ([s for i, s in enumerate(train) if i in kept],
+            [s for i, s in enumerate(train) if i not in kept])
+
+
 def cut_paste(
     rng: np.random.Generator, image: np.ndarray, donor: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,8 @@ from PIL import Image
 
 from memkd_ray import __version__
 from memkd_ray.checkpoint import load_model
-from memkd_ray.checkpoint_format import META_FILE
+from memkd_ray.checkpoint_format import META_FILE, checkpoint_decision
+from memkd_ray.decision import USER_THRESHOLD, Decision
 from memkd_ray.deploy.runtime import (
     INPUT_NAME,
     ONNX_FILE,
@@ -195,7 +196,7 @@ def describe_export(
                             "normal_map_subtracted": cfg.eval.normal_map != "none"},
             "score": {"shape": ["N"], "dtype": "float32", "score_top_k": scorer.score_top_k},
         },
-        "score_threshold": threshold,
+        "decision": _decision(checkpoint, threshold),
         "source": {
             "checkpoint": source,
             "checkpoint_json_sha256": sha256_file(checkpoint.directory / META_FILE),
@@ -214,6 +215,17 @@ def describe_export(
         "torch_version": torch.__version__,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _decision(checkpoint: Any, threshold: float | None) -> dict[str, Any] | None:
+    """The checkpoint's decision, or the user's `--threshold` in its place (the calibrated
+    spread kept for the normalised score)."""
+    decision = checkpoint_decision(checkpoint.meta, str(checkpoint.directory / META_FILE))
+    if threshold is None:
+        return None if decision is None else decision.to_dict()
+    if decision is None:
+        return Decision(threshold, None, USER_THRESHOLD).to_dict()
+    return decision.with_threshold(threshold).to_dict()
 
 
 def _install(source: Path, target: Path) -> None:

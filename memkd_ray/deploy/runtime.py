@@ -14,13 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from memkd_ray.decision import USER_THRESHOLD, Decision, parse_decision
 from memkd_ray.errors import CheckpointError, UserInputError
 from memkd_ray.files import sha256_file
 from memkd_ray.predictions import prediction_samples, write_predictions
 
 ONNX_FILE = "model.onnx"
 SIDECAR_FORMAT = "memkd-ray-onnx"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
+"""2 added `decision` (decision.py) in place of version 1's bare `score_threshold`."""
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score")
 # Images per ONNX Runtime call for a dynamic-batch export. On CPU batching does not pay: per
@@ -54,7 +56,7 @@ class OnnxScorer:
     session: Any
 
     @classmethod
-    def open(cls, reference: str | Path) -> OnnxScorer:
+    def open(cls, reference: str | Path, threads: int = 0) -> OnnxScorer:
         path = Path(reference)
         model_path = path / ONNX_FILE if path.is_dir() else path
         if not model_path.is_file():
@@ -66,7 +68,7 @@ class OnnxScorer:
                 f"{model_path}: sha256 {actual[:12]}... does not match "
                 f"{sidecar_of(model_path).name} {sidecar['model']['sha256'][:12]}... "
                 "(tampered, truncated or another export)")
-        session = cpu_session(model_path)
+        session = cpu_session(model_path, threads)
         shape = session.get_inputs()[0].shape  # [batch or its name, 3, size, size]
         batch = sidecar["model"]["batch"]
         if (shape[2:] != [sidecar["input"]["size"]] * 2
@@ -79,6 +81,10 @@ class OnnxScorer:
     @property
     def image_size(self) -> int:
         return int(self.sidecar["input"]["size"])
+
+    @property
+    def decision(self) -> Decision | None:
+        return sidecar_decision(self.sidecar, str(sidecar_of(self.model_path)))
 
     @property
     def batch(self) -> int | None:
@@ -104,15 +110,19 @@ class OnnxScorer:
         return np.concatenate(maps), np.concatenate(scores)
 
 
-def cpu_session(model_path: Path) -> Any:
-    """An ONNX Runtime session on CPU, the runtime the export was checked against."""
+def cpu_session(model_path: Path, threads: int = 0) -> Any:
+    """An ONNX Runtime session on CPU, the runtime the export was checked against; `threads`
+    intra-op threads (0: ONNX Runtime's default, one per physical core)."""
     try:
         import onnxruntime
     except ImportError:
         raise UserInputError("scoring an ONNX export needs onnxruntime: "
                              "pip install 'memkd-ray[export]' (or onnxruntime)") from None
     try:
-        return onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        return onnxruntime.InferenceSession(str(model_path), options,
+                                            providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own types: InvalidProtobuf, Fail, ...
         reason = " ".join(str(exc).split())[:200]
         raise CheckpointError(f"{model_path}: ONNX Runtime cannot load it ({reason})") from None
@@ -139,16 +149,26 @@ def read_sidecar(path: Path) -> dict[str, Any]:
             or not isinstance(size, int) or size < 1):
         raise CheckpointError(f"{path}: fields model.sha256, model.batch or input.size "
                               "missing or malformed")
+    sidecar_decision(sidecar, str(path))
     return sidecar
 
 
+def sidecar_decision(sidecar: dict[str, Any], where: str) -> Decision | None:
+    """The export's decision: version 2's `decision`, or version 1's `score_threshold` (a
+    user's threshold, no normalisation); None when it has neither."""
+    if sidecar["format_version"] < 2:
+        threshold = sidecar.get("score_threshold")
+        return None if threshold is None else parse_decision(
+            {"method": USER_THRESHOLD, "threshold": threshold}, where)
+    return parse_decision(sidecar.get("decision"), where)
+
+
 def predict_with_onnx(
-    reference: str | Path, paths: Sequence[Path], out: str | Path,
-) -> dict[str, float]:
+    scorer: OnnxScorer, paths: Sequence[Path], out: str | Path,
+) -> dict[str, dict[str, Any]]:
     """`memkd-ray predict` with an export: the same overlays and `scores.json` as the torch
-    path, computed by ONNX Runtime on CPU; returns {path: image score}."""
-    scorer = OnnxScorer.open(reference)
+    path, computed by ONNX Runtime on CPU; returns {path: score and decision}."""
     samples = prediction_samples(paths)
     images = np.stack([sample.load_image(scorer.image_size) for sample in samples])
     maps, scores = scorer.score(images)
-    return write_predictions(samples, images, maps, scores.tolist(), out)
+    return write_predictions(samples, images, maps, scores.tolist(), out, scorer.decision)

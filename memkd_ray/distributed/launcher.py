@@ -26,6 +26,7 @@ import ray
 import ray.train
 
 from memkd_ray.config import MemKDConfig, from_dict
+from memkd_ray.decision import DECISION_RATE_KEYS
 from memkd_ray.distributed.cluster import concurrent_categories, connect, needs
 from memkd_ray.distributed.console import (
     Interruption,
@@ -224,7 +225,7 @@ def _train_category(cfg: MemKDConfig, category: str, layout: RunLayout, progress
     checkpoint = metrics.get("checkpoint_path") or (result.checkpoint and result.checkpoint.path)
     return _row(
         cfg, layout, category, "interrupted" if result.return_value == STOPPED else "ok",
-        **{key: float(metrics.get(key, math.nan)) for key in METRIC_KEYS},
+        **{key: float(metrics.get(key, math.nan)) for key in (*METRIC_KEYS, *DECISION_RATE_KEYS)},
         epochs=int(metrics.get("epoch", 0)), workers=int(metrics.get("workers", 0)),
         wall_seconds=time.perf_counter() - began,
         checkpoint_uri=layout.storage.uri_for(checkpoint) if checkpoint else "")

@@ -24,6 +24,7 @@ import torch
 
 from memkd_ray.checkpoint import restore_training_state, save_checkpoint
 from memkd_ray.config import MemKDConfig, from_dict, validate
+from memkd_ray.decision import DECISION_RATE_KEYS
 from memkd_ray.engine import (
     ALREADY_FINISHED,
     STOPPED,
@@ -88,10 +89,11 @@ def _report(end: EpochEnd, cfg: MemKDConfig, rank: int, category: str,
         ray.train.report(end.metrics)
         return
     with tempfile.TemporaryDirectory() as scratch:
-        scored = {k: v for k, v in end.metrics.items() if k.startswith(("image_", "pixel_"))}
+        scored = {k: v for k, v in end.metrics.items()
+                  if k.startswith(("image_", "pixel_")) or k in DECISION_RATE_KEYS}
         directory = save_checkpoint(f"{scratch}/checkpoint", end.state.model, cfg,
                                     end.state.epoch, scored, state=end.state, category=category,
-                                    evaluation_record=record)
+                                    evaluation_record=record, decision=end.decision)
         ray.train.report(end.metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=checkpoint_dir_name(end.state.epoch))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,10 +23,12 @@ from memkd_ray.config import MemKDConfig
 from memkd_ray.data import CategoryData, read_configured_category
 from memkd_ray.data.datasets import ArrayImages, load_training_images
 from memkd_ray.data.sample import Sample
-from memkd_ray.data.validation import make_validation_split
+from memkd_ray.data.validation import hold_out_normals, make_validation_split
+from memkd_ray.decision import Decision, decision_rates
 from memkd_ray.engine.devices import maybe_compile, place_model, resolve_device
 from memkd_ray.engine.evaluation import (
     Evaluation,
+    calibrate_decision,
     calibrate_normal_map,
     evaluate_dataset,
     labelled_test_images,
@@ -69,12 +71,15 @@ class Scoring:
     """Score every epoch (a search's scheduler needs it) instead of `train.eval_every`."""
     samples: list[Sample] | None = None
     """The test samples, when the test split is scored."""
+    held_out: tuple[Sample, ...] = ()
+    """Normal training images not trained on: the decision threshold is fitted on them after
+    the last epoch (none: the model carries no decision)."""
 
     @classmethod
-    def test_split(cls, samples: list[Sample], image_size: int,
-                   every_epoch: bool = False) -> Scoring:
+    def test_split(cls, samples: list[Sample], image_size: int, every_epoch: bool = False,
+                   held_out: Sequence[Sample] = ()) -> Scoring:
         return cls(*labelled_test_images(samples, image_size), every_epoch=every_epoch,
-                   samples=samples)
+                   samples=samples, held_out=tuple(held_out))
 
     def due(self, epoch: int, last: bool, every: int) -> bool:
         return self.every_epoch or last or bool(every and epoch % every == 0)
@@ -87,17 +92,32 @@ def training_inputs(cfg: MemKDConfig, category: str,
     `selection` None scores the test split (after the last epoch and every
     `train.eval_every`); a search scores every epoch, on the test split (`test`) or on a
     validation split cut from the training images (`validation`, data/validation.py), in
-    which case the test split is not even listed.
+    which case the test split is not even listed. Either way `decision.holdout_fraction` of
+    the training images is first held out for the decision threshold.
     """
     data = read_configured_category(cfg.data, category, with_test=selection != "validation")
+    train, held_out = decision_holdout(cfg, data.train, category)
     if selection != "validation":
-        return data.train, Scoring.test_split(data.test, cfg.data.image_size,
-                                              every_epoch=selection is not None)
-    split = make_validation_split(data.train, cfg.data.image_size, cfg.train.seed,
+        return train, Scoring.test_split(data.test, cfg.data.image_size,
+                                         every_epoch=selection is not None, held_out=held_out)
+    split = make_validation_split(train, cfg.data.image_size, cfg.train.seed,
                                   cfg.tune.validation_normal_fraction,
                                   cfg.tune.validation_defect_fraction)
-    scoring = Scoring(ArrayImages(split.images, split.masks), split.labels, "val_", True)
+    scoring = Scoring(ArrayImages(split.images, split.masks), split.labels, "val_", True,
+                      held_out=tuple(held_out))
     return split.train, scoring
+
+
+def decision_holdout(cfg: MemKDConfig, train: list[Sample],
+                     category: str) -> tuple[list[Sample], list[Sample]]:
+    """(images to train on, images held out for the decision threshold)."""
+    kept, held_out = hold_out_normals(train, cfg.train.seed, cfg.decision.holdout_fraction,
+                                      cfg.decision.min_holdout)
+    if cfg.decision.holdout_fraction and not held_out:
+        log.warning("%s: %d training images are too few to hold out %d for the decision "
+                    "threshold; the model will carry none", category, len(train),
+                    cfg.decision.min_holdout)
+    return kept, held_out
 
 
 def _as_is(module: torch.nn.Module) -> torch.nn.Module:
@@ -125,6 +145,8 @@ class EpochEnd:
     last: bool
     checkpoint_due: bool
     """Every `train.checkpoint_every` epochs and after the last one."""
+    decision: Decision | None = None
+    """After the last epoch (rank 0), fitted on `Scoring.held_out` when it holds images."""
 
 
 FINISHED, STOPPED, ALREADY_FINISHED = "finished", "stopped", "already_finished"
@@ -138,6 +160,7 @@ class Training:
     status: str
     """FINISHED; STOPPED (the stop check fired: the unfinished epoch was dropped); or
     ALREADY_FINISHED (the restored state had trained every epoch; nothing ran)."""
+    decision: Decision | None = None
 
 
 def sync_student_batchnorm(model: MemKD) -> None:
@@ -198,17 +221,21 @@ def train_category(
         metrics = {"epoch": state.epoch, "workers": workers.world, **stats,
                    "seconds": time.perf_counter() - started}
         last = state.epoch == cfg.train.epochs
-        evaluation = None
+        evaluation = decision = None
         if workers.rank == 0 and scoring.due(state.epoch, last, cfg.train.eval_every):
             calibrate_normal_map(model, features, cfg)
             evaluation = evaluate_dataset(model, scoring.images, scoring.labels, cfg, device)
             metrics.update({scoring.prefix + k: v for k, v in evaluation.metrics.items()})
+            if last and scoring.held_out:
+                decision = calibrate_decision(model, list(scoring.held_out), cfg, device)
+                rates = decision_rates(evaluation.labels, evaluation.scores, decision)
+                metrics.update({scoring.prefix + k: v for k, v in rates.items()})
         state.history.append(metrics)
         log.info(format_epoch(name, metrics))
         if on_epoch is not None:
             checkpoint_due = last or state.epoch % cfg.train.checkpoint_every == 0
-            on_epoch(EpochEnd(state, metrics, evaluation, last, checkpoint_due))
-    return Training(state, evaluation, FINISHED)
+            on_epoch(EpochEnd(state, metrics, evaluation, last, checkpoint_due, decision))
+    return Training(state, evaluation, FINISHED, decision)
 
 
 class _StopCheck:
@@ -229,8 +256,9 @@ def fit(cfg: MemKDConfig, data: CategoryData, device: torch.device | None = None
     """Train and evaluate a category in this process, as a worker of `memkd-ray train` does
     (on `train.device` unless `device` is given)."""
     device = device if device is not None else resolve_device(cfg.train.device)
-    return train_category(cfg, data.train, Scoring.test_split(data.test, cfg.data.image_size),
-                          device, on_epoch=on_epoch, name=data.category)
+    train, held_out = decision_holdout(cfg, data.train, data.category)
+    scoring = Scoring.test_split(data.test, cfg.data.image_size, held_out=held_out)
+    return train_category(cfg, train, scoring, device, on_epoch=on_epoch, name=data.category)
 
 
 def format_epoch(category: str, stats: dict[str, float]) -> str:

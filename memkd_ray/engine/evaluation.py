@@ -9,8 +9,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from memkd_ray.config import MemKDConfig
-from memkd_ray.data.datasets import TestImages
+from memkd_ray.data.datasets import DecodedImages, TestImages, to_float
 from memkd_ray.data.sample import Sample
+from memkd_ray.decision import Decision, calibrate
 from memkd_ray.engine.devices import autocast, resolve_precision
 from memkd_ray.engine.features import TrainingFeatures
 from memkd_ray.metrics import Curve, metrics_and_curves
@@ -68,6 +69,19 @@ def calibrate_normal_map(model: MemKD, features: TrainingFeatures, cfg: MemKDCon
             student_features = model.student_forward(teacher_features)
         total += scorer.raw_map(student_features, teacher_features[:3]).sum(dim=0)
     model.normal_map_mean.copy_(total / len(features))
+
+
+def calibrate_decision(
+    model: MemKD, held_out: list[Sample], cfg: MemKDConfig, device: torch.device
+) -> Decision:
+    """The decision threshold and normalisation (memkd_ray/decision.py) of the images held out
+    from training, scored exactly as `predict` scores (after the normal-map calibration)."""
+    loader = image_loader(DecodedImages(held_out, cfg.data.image_size), cfg.eval.batch_size,
+                          cfg.train.loader_workers, device)
+    precision = resolve_precision(cfg.eval.precision, device)
+    scores = [predict_maps(model, to_float(batch.to(device)), cfg, precision)[1].cpu()
+              for batch in loader]
+    return calibrate(torch.cat(scores).double().numpy(), cfg.decision.target_fpr)
 
 
 def evaluate(

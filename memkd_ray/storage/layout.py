@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from memkd_ray.checkpoint_format import META_FILE, STATE_FILE, WEIGHTS_FILE, parse_checkpoint_meta
+from memkd_ray.decision import DECISION_RATE_KEYS
 from memkd_ray.errors import CheckpointError
 from memkd_ray.metrics import METRIC_KEYS
 from memkd_ray.storage.base import NAME, Storage, StorageError, plain_name
@@ -34,11 +35,12 @@ from memkd_ray.storage.base import NAME, Storage, StorageError, plain_name
 RESULTS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("benchmark", pa.string()), ("category", pa.string()),
     ("config_hash", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    *((key, pa.float64()) for key in METRIC_KEYS),
+    *((key, pa.float64()) for key in (*METRIC_KEYS, *DECISION_RATE_KEYS)),
     ("epochs", pa.int64()), ("workers", pa.int64()), ("wall_seconds", pa.float64()),
     ("checkpoint_uri", pa.string()),
 ])
-"""results.parquet: `status` is ok, failed (with `error`) or interrupted."""
+"""results.parquet: `status` is ok, failed (with `error`) or interrupted. The decision rates
+(decision.py) are NaN for a model without a decision; runs from before them lack the columns."""
 
 
 HISTORY_SCHEMA = pa.schema([
@@ -67,8 +69,8 @@ def tune_results_schema(params: list[str], validation: bool) -> pa.Schema:
 def results_row(run_id: str, benchmark: str, category: str, config_hash: str,
                 status: str, **values: Any) -> dict[str, Any]:
     """A results.parquet row; what `values` leaves out is empty (no metrics, no checkpoint)."""
-    empty = {"error": "", **dict.fromkeys(METRIC_KEYS, math.nan), "epochs": 0, "workers": 0,
-             "wall_seconds": 0.0, "checkpoint_uri": ""}
+    empty = {"error": "", **dict.fromkeys((*METRIC_KEYS, *DECISION_RATE_KEYS), math.nan),
+             "epochs": 0, "workers": 0, "wall_seconds": 0.0, "checkpoint_uri": ""}
     unknown = set(values) - set(empty)
     if unknown:
         raise ValueError(f"not a results column: {sorted(unknown)[0]}")
@@ -199,11 +201,18 @@ def write_table(storage: Storage, path: str, rows: list[dict[str, Any]],
     return storage.uri_for(path)
 
 
+def parquet_rows(data: bytes) -> list[dict[str, Any]]:
+    """The rows of Parquet bytes. Read without Arrow's thread pool: these tables are small,
+    and a process that read one through the pool aborted at exit in about a third of the
+    runs ("terminate called without an active exception", pyarrow 26)."""
+    return pq.read_table(io.BytesIO(data), use_threads=False).to_pylist()
+
+
 def read_table(storage: Storage, path: str) -> list[dict[str, Any]]:
     """The rows of a table written by `write_table`, its pointers as URIs in this store."""
     where = storage.uri_for(path)
     try:
-        rows = pq.read_table(io.BytesIO(storage.read_bytes(path))).to_pylist()
+        rows = parquet_rows(storage.read_bytes(path))
     except (pa.ArrowException, OSError) as exc:
         raise StorageError(f"{where}: unreadable table ({str(exc).splitlines()[0][:200]})"
                            ) from None

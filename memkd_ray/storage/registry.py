@@ -127,6 +127,7 @@ class Registry:
             "sha256": digest,
             "size_bytes": size,
             "teacher": meta["teacher"],
+            "decision": meta.get("decision"),
             "package_version": meta["package_version"],
             "config_hash": from_dict(config).hash(),
         }

@@ -1,0 +1,7 @@
+"""`memkd-ray serve`: the registry's best models behind one Ray Serve application.
+
+    requests.py  routes, token, image bodies and answers (no Ray, no web framework)
+    models.py    a checkpoint made ready to score: torch or ONNX Runtime (no Ray)
+    app.py       the Ray Serve deployments: Gateway (HTTP, decisions, registry following)
+                 and ModelPool (multiplexed models, dynamic batching)
+"""
