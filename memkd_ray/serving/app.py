@@ -73,19 +73,26 @@ class ServeOptions:
     deployment arguments are stored by Ray)."""
 
 
-def registered_models(options: ServeOptions) -> dict[tuple[str, str], Served]:
-    """The registry's best model of every selected category, with its decision and size."""
+def registered_models(options: ServeOptions, known: dict[tuple[str, str], Served] | None = None
+                      ) -> dict[tuple[str, str], Served]:
+    """The registry's best model of every selected category, with its decision and size.
+    Entries of `known` whose checkpoint is still the best are kept as they are: a refresh
+    reads the cards, and a checkpoint.json only for a category whose best model moved."""
     registry = Registry(open_storage(options.storage))
     served = {}
     for card in registry.list(options.benchmark):
         if options.categories and card["category"] not in options.categories:
+            continue
+        key = (card["benchmark"], card["category"])
+        if known and key in known and known[key].checkpoint_uri == card["checkpoint_uri"]:
+            served[key] = known[key]
             continue
         base = registry.storage.path_of(card["checkpoint_uri"])
         where = f"{card['checkpoint_uri']}/{META_FILE}"
         meta = parse_checkpoint_meta(registry.read(f"{base}/{META_FILE}"), where)
         identity = {"benchmark": card["benchmark"], "category": card["category"],
                     "run_id": card["run_id"], "epoch": card["epoch"], "sha256": card["sha256"]}
-        served[card["benchmark"], card["category"]] = Served(
+        served[key] = Served(
             card["checkpoint_uri"], identity, checkpoint_decision(meta, where),
             int(meta["config"]["data"]["image_size"]))
     return served
@@ -227,7 +234,7 @@ def build_application(options: ServeOptions) -> Any:
             while True:
                 await asyncio.sleep(options.refresh_s)
                 try:
-                    latest = await asyncio.to_thread(registered_models, options)
+                    latest = await asyncio.to_thread(registered_models, options, self.served)
                 except Exception as exc:  # the store unreachable for a while: keep serving
                     log.error("registry not read: %s", one_line_reason(exc))
                     continue
