@@ -205,13 +205,22 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--limit-s", type=float, default=120.0, help="per load run")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--default-serve-settings", action="store_true",
+                        help="Ray Serve's default settings instead of its throughput mode")
     args = parser.parse_args()
+
+    from memkd_ray.serving.environment import use_throughput_settings
+
+    if not args.default_serve_settings:
+        use_throughput_settings()  # as `memkd-ray serve` does for the Ray it starts
 
     import ray
 
     from memkd_ray.serving.app import ServeOptions, start_service, stop_service
 
-    print(f"machine: {describe_device(torch.device('cpu'))}")
+    print(f"machine: {describe_device(torch.device('cpu'))}; Ray Serve "
+          f"{'default settings' if args.default_serve_settings else 'throughput mode'}")
     with tempfile.TemporaryDirectory() as scratch:
         store = Path(scratch) / "store"
         names = build_store(store, args.categories, args.size)
@@ -221,7 +230,8 @@ def main() -> None:
         try:
             for backend in args.backends:
                 options = ServeOptions(f"file://{store}", backend=backend,
-                                       cpus_per_replica=1.0, models_per_replica=args.categories)
+                                       replicas=args.replicas, cpus_per_replica=1.0,
+                                       models_per_replica=args.categories)
                 for start in ("first start", "restarted, ONNX exports cached"):
                     start_service(options, "127.0.0.1", args.port)
                     colds = [post(f"{base}/v1/score/folder/{name}", images[0])

@@ -14,11 +14,20 @@ import numpy as np
 from scipy.ndimage import label as label_regions
 from sklearn.metrics import auc, average_precision_score, roc_curve
 
+from memkd_ray.config import MEMORY_SITES
+
 METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
 # The paper's column names (Table 1), for tables printed in its units.
 METRIC_LABELS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "pixel_auroc": "P-AUROC",
                  "pixel_ap": "P-AP", "pixel_aupro": "AU-PRO"}
 PRO_FPR_LIMIT = 0.3
+
+# How well each NR Memory recalls normal features it never trained on (engine/memory_recall.py):
+# per memory site, the Eq. 10 error of its recall on held-out normal images, and the same
+# error for two recalls that learn nothing, a zero vector and the stage's mean training
+# feature. NaN where a run has no memory there or held out no image.
+RECALL_KINDS = ("recall_error", "recall_zero", "recall_mean")
+RECALL_KEYS = tuple(f"{kind}_{site}" for site in MEMORY_SITES for kind in RECALL_KINDS)
 
 
 Curve = tuple[np.ndarray, np.ndarray]

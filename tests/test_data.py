@@ -213,3 +213,24 @@ def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path: Path):
     assert rgb.shape == (2, 2, 3) and (rgb[..., 0] == rgb[..., 2]).all()
     # PIL's own convert("RGB") would make every value above 255 white.
     assert rgb[..., 0].tolist() == [[0, 100], [round(40000 / 257), 255]]
+
+
+def test_confirmation_photos_are_new_kinds_from_no_development_or_reserved_photo(tmp_path):
+    from memkd_ray.data.photos import (
+        CONFIRMATION_SOURCES,
+        DEVELOPMENT_SOURCES,
+        DONOR_SOURCES,
+        RESERVED,
+        generate_photo_benchmark,
+    )
+
+    used = {s.path for s in DEVELOPMENT_SOURCES} | set(DONOR_SOURCES)
+    for source in CONFIRMATION_SOURCES:
+        assert source.path not in used
+        assert not any(name in source.path for name in RESERVED)
+    small = {"size": 64, "train": 3, "test_good": 2, "defective_per_type": 1}
+    names = generate_photo_benchmark(tmp_path / "c", CONFIRMATION_SOURCES, seed=0, **small)
+    assert names == ["cells", "cameraman"]
+    for name in names:
+        data = read_category("photos", tmp_path / "c", name)
+        assert data.counts()["train"] == 3 and sum(s.label for s in data.test) == 4

@@ -134,6 +134,7 @@ def test_raycluster_has_a_gpu_group_autoscaling_and_token_auth():
 
 def test_rayservice_builds_the_real_serve_application_with_a_token():
     from memkd_ray.serving import app
+    from memkd_ray.serving.environment import THROUGHPUT_SETTINGS
 
     service = one("kuberay/serve/rayservice.yaml")
     assert service["apiVersion"] == "ray.io/v1"
@@ -150,6 +151,9 @@ def test_rayservice_builds_the_real_serve_application_with_a_token():
             assert {"secretRef": {"name": "memkd-s3"}} in container["envFrom"]
             assert {"name": "MEMKD_SERVE_TOKEN", "valueFrom": {"secretKeyRef": {
                 "name": "memkd-serve-token", "key": "token"}}} in container["env"]
+            # The throughput settings the CLI gives the Ray it starts, on every node.
+            values = {e["name"]: e.get("value") for e in container["env"]}
+            assert {k: values.get(k) for k in THROUGHPUT_SETTINGS} == THROUGHPUT_SETTINGS
 
 
 def test_rayjob_runs_the_real_cli_on_a_real_config_on_the_same_cluster():

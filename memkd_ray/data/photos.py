@@ -73,6 +73,15 @@ DEVELOPMENT_SOURCES = (
                 region=(0.17, 0.17, 0.83, 0.83)),
     PhotoSource("motorcycle", "package:skimage.data/motorcycle_left.png", kind="scene"),
 )
+# The confirmation set: categories of the kinds the development set lacks (cells under a
+# microscope, a grey-level scene), kept out of every tuning decision: a change is chosen on the
+# development set and then confirmed here (`data photos --collection confirmation`).
+CONFIRMATION_SOURCES = (
+    PhotoSource("cells", "package:skimage.data/cell.png", crop=0.3),
+    PhotoSource("cameraman", "package:skimage.data/camera.png", kind="scene"),
+)
+COLLECTIONS = {"development": DEVELOPMENT_SOURCES, "confirmation": CONFIRMATION_SOURCES,
+               "all": DEVELOPMENT_SOURCES + CONFIRMATION_SOURCES}
 # Foreign material for the `patch` defect: photos that are no category's source.
 DONOR_SOURCES = (
     "package:skimage.data/astronaut.png",

@@ -38,7 +38,7 @@ from memkd_ray.distributed.ray_compat import worker_group_start_timeout
 from memkd_ray.distributed.runs import category_trainer, preflight, save_request, saved_request
 from memkd_ray.distributed.worker import TrainLoop, train_loop_per_worker
 from memkd_ray.engine import STOPPED
-from memkd_ray.metrics import METRIC_KEYS
+from memkd_ray.metrics import METRIC_KEYS, RECALL_KEYS
 from memkd_ray.storage import Storage, open_storage
 from memkd_ray.storage.layout import RunLayout, read_results, results_row, write_results
 
@@ -225,7 +225,8 @@ def _train_category(cfg: MemKDConfig, category: str, layout: RunLayout, progress
     checkpoint = metrics.get("checkpoint_path") or (result.checkpoint and result.checkpoint.path)
     return _row(
         cfg, layout, category, "interrupted" if result.return_value == STOPPED else "ok",
-        **{key: float(metrics.get(key, math.nan)) for key in (*METRIC_KEYS, *DECISION_RATE_KEYS)},
+        **{key: float(metrics.get(key, math.nan))
+           for key in (*METRIC_KEYS, *DECISION_RATE_KEYS, *RECALL_KEYS)},
         epochs=int(metrics.get("epoch", 0)), workers=int(metrics.get("workers", 0)),
         wall_seconds=time.perf_counter() - began,
         checkpoint_uri=layout.storage.uri_for(checkpoint) if checkpoint else "")

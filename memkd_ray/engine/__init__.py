@@ -4,6 +4,7 @@
     features.py      the frozen teacher's training features (cached or per step)
     optimization.py  one epoch: batches, exemplars, schedule, Eq. 11's step
     evaluation.py    anomaly maps, the five metrics, the normal-map calibration
+    memory_recall.py the memories' value initialisation and their recall of unseen normals
     driver.py        `train_category`, the one epoch driver, and `fit` (in this process)
 """
 

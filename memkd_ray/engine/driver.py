@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from memkd_ray.config import MemKDConfig
+from memkd_ray.config import MEMORY_SITES, MemKDConfig
 from memkd_ray.data import CategoryData, read_configured_category
 from memkd_ray.data.datasets import ArrayImages, load_training_images
 from memkd_ray.data.sample import Sample
@@ -33,7 +33,8 @@ from memkd_ray.engine.evaluation import (
     evaluate_dataset,
     labelled_test_images,
 )
-from memkd_ray.engine.features import training_features
+from memkd_ray.engine.features import TrainingFeatures, training_features
+from memkd_ray.engine.memory_recall import RecallProbe, initialise_memory_values
 from memkd_ray.engine.optimization import (
     MemKDObjective,
     epoch_batches,
@@ -203,6 +204,14 @@ def train_category(
             return Training(state, None, ALREADY_FINISHED)
     images = load_training_images(train, cfg.data.image_size, cfg.train.loader_workers)
     features = training_features(cfg, model.teacher, images, device)
+    if cfg.memory.value_init == "features" and state.epoch == 0:
+        initialise_memory_values(model, features, cfg.train.seed)
+    probe = None
+    if workers.rank == 0 and scoring.held_out and model.memories:
+        held_out = load_training_images(list(scoring.held_out), cfg.data.image_size,
+                                        cfg.train.loader_workers)
+        probe = RecallProbe.build(model, features,
+                                  TrainingFeatures(model.teacher, held_out, device, "device"))
     objective = maybe_compile(workers.wrap(MemKDObjective(model, cfg)), cfg)
     log.info("%s: %d training images, teacher feature cache %s, teacher in %s", name,
              len(images), features.placement, str(features.precision).removeprefix("torch."))
@@ -221,6 +230,8 @@ def train_category(
         metrics = {"epoch": state.epoch, "workers": workers.world, **stats,
                    "seconds": time.perf_counter() - started}
         last = state.epoch == cfg.train.epochs
+        if probe is not None:
+            metrics.update(probe.measure(model))
         evaluation = decision = None
         if workers.rank == 0 and scoring.due(state.epoch, last, cfg.train.eval_every):
             calibrate_normal_map(model, features, cfg)
@@ -265,6 +276,10 @@ def format_epoch(category: str, stats: dict[str, float]) -> str:
     text = (f"{category} epoch {stats['epoch']}: loss {stats['loss']:.4f} "
             f"(kd {stats['kd']:.4f}, nm {stats['nm']:.4f}, orth {stats['orth']:.4f}) "
             f"{stats['seconds']:.1f}s")
+    ratios = [stats[f"recall_error_{site}"] / stats[f"recall_mean_{site}"]
+              for site in MEMORY_SITES if f"recall_error_{site}" in stats]
+    if ratios:  # below 1: the memory recalls unseen normal features better than their mean
+        text += " recall/mean " + "|".join(f"{ratio:.2f}" for ratio in ratios)
     if "image_auroc" in stats:
         text += f" I-AUROC {stats['image_auroc']:.3f}"
     return text

@@ -67,7 +67,7 @@ def start_epoch(optimizer: torch.optim.Optimizer, cfg: MemKDConfig, epoch: int) 
     """Set the epoch's learning rate. A function of the epoch alone, so a resumed run
     continues the schedule without any scheduler state in its checkpoint."""
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(cfg, epoch)
+        group["lr"] = learning_rate(cfg, epoch) * group.get("lr_scale", 1.0)
 
 
 def exemplar_indices(count: int, exemplars: int, generator: torch.Generator) -> torch.Tensor:
@@ -133,6 +133,14 @@ def train_one_epoch(
 
 
 def make_optimizer(model: MemKD, cfg: MemKDConfig) -> torch.optim.Optimizer:
-    """Adam over the student and the memories (paper Sec. 5.2)."""
+    """Adam over the student and the memories (paper Sec. 5.2); the memories in a group of
+    their own at `memory.lr_scale` times the rate when that is not 1."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    memory = [p for p in model.memories.parameters() if p.requires_grad]
+    if cfg.memory.lr_scale == 1.0 or not memory:
+        return torch.optim.Adam(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    own = {id(p) for p in memory}
+    groups = [{"params": [p for p in trainable if id(p) not in own]},
+              {"params": memory, "lr": cfg.train.lr * cfg.memory.lr_scale,
+               "lr_scale": cfg.memory.lr_scale}]
+    return torch.optim.Adam(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from memkd_ray.config import MemKDConfig
 from memkd_ray.model.anomaly_map import anomaly_map, gaussian_filter, image_scores
-from memkd_ray.model.memkd import MEMORY_SITES, MemKD
+from memkd_ray.model.memkd import MEMORY_SITES, NEL_TEACHER_STAGE, MemKD
 from memkd_ray.model.memory import NormalityRecallMemory
 from memkd_ray.model.scorer import AnomalyScorer
 from memkd_ray.model.teacher import Teacher
 
 __all__ = [
     "MEMORY_SITES",
+    "NEL_TEACHER_STAGE",
     "AnomalyScorer",
     "MemKD",
     "NormalityRecallMemory",

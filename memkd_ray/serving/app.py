@@ -1,17 +1,19 @@
 """`memkd-ray serve`: the registry's best model of every category behind one Ray Serve app.
 
-Two deployments:
+One deployment, `ModelServer` (`replicas` replicas), does the whole request: routes, the bearer
+token, image checks, the model, the decision and the identity of every answer. Models are
+loaded on first use through Serve's model multiplexing (at most `models_per_replica` per
+replica, least recently used unloaded first) and score concurrent requests in dynamic batches.
+It is one deployment, not an HTTP gateway in front of a model pool, because on CPU every hop
+between Ray processes costs time the model needs: folding the gateway in took served ONNX on
+2 cores from 44 to 50 requests a second.
 
-- `Gateway` (HTTP ingress): routes, the bearer token, image checks, the decision and the
-  model identity of every answer. It reads the registry at start and every `refresh_s`; when a
-  category's best model moves, it has the new one loaded (and so verified) by the pool before
-  switching, so no request fails during the switch and a model whose files fail verification
-  is never served (the old one stays, the error is logged).
-- `ModelPool` (`replicas` replicas): loads checkpoints on first use through Serve's model
-  multiplexing (at most `models_per_replica` per replica, least recently used unloaded first;
-  requests for a model go to a replica holding it) and scores them in dynamic batches. With
-  the ONNX backend it exports every served checkpoint in the background from its start (once
-  per checkpoint, kept in the local cache), so that loading on first use is quick.
+Every replica reads the registry at start and every `refresh_s`; when a category's best model
+moves, it loads (and so verifies) the new one before switching, so no request fails during
+the switch and a model whose files fail verification is never served (the old one stays, the
+error is logged). With the ONNX backend it exports every served checkpoint in the background
+from its start (once per checkpoint, kept in the local cache), so that loading on first use
+is quick.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ log = logging.getLogger("memkd_ray.serve")
 APP_NAME = "memkd-ray"
 GRACE_S = 5.0
 """How long a replica being replaced or stopped may finish its requests (single images)."""
+MAX_ONGOING_REQUESTS = 256
+"""Requests a replica accepts at once: most wait a few milliseconds for their batch, and a bad
+request or a health probe must never queue behind them."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class ServeOptions:
     max_batch_size: int = 8
     batch_wait_s: float = 0.005
     concurrent_batches: int = 2
-    """Batches a pool replica scores at once, each on `threads_per_batch` threads: on CPU two
+    """Batches a replica scores at once, each on `threads_per_batch` threads: on CPU two
     single-threaded ONNX Runtime calls side by side do more per second than one call on two
     threads (the runtime's default), and a batch never waits for the one before."""
     threads_per_batch: int = 1
@@ -99,92 +104,28 @@ def registered_models(options: ServeOptions, known: dict[tuple[str, str], Served
 
 
 def build_application(options: ServeOptions) -> Any:
-    """The Serve application (bound deployments) for `options`."""
+    """The Serve application (one bound deployment) for `options`."""
 
-    @serve.deployment(name="ModelPool", num_replicas=options.replicas,
+    @serve.deployment(name="ModelServer", num_replicas=options.replicas,
+                      max_ongoing_requests=MAX_ONGOING_REQUESTS,
                       graceful_shutdown_timeout_s=GRACE_S,
-                      max_ongoing_requests=4 * options.max_batch_size,
                       ray_actor_options={"num_cpus": options.cpus_per_replica})
-    class ModelPool:
+    class ModelServer:
         def __init__(self) -> None:
             from memkd_ray.storage.registry import cache_root
 
-            self.cache = cache_root()
-            if options.backend == "onnx":
-                # Exports take seconds per model: made in the background from the start, so
-                # that a category's first request finds its export ready.
-                threading.Thread(target=self._prepare_exports, daemon=True).start()
-
-        def _prepare_exports(self) -> None:
-            from memkd_ray.serving.models import onnx_export
-            from memkd_ray.storage.registry import fetch_checkpoint
-
-            for served in registered_models(options).values():
-                try:
-                    onnx_export(fetch_checkpoint(served.checkpoint_uri, options.storage),
-                                self.cache)
-                except Exception as exc:  # reported again, to the request, if it is asked for
-                    log.error("%s: not exported ahead (%s)", served.checkpoint_uri,
-                              one_line_reason(exc))
-
-        @serve.multiplexed(max_num_models_per_replica=options.models_per_replica)
-        async def model(self, checkpoint_uri: str) -> Any:
-            return await asyncio.to_thread(self._load, checkpoint_uri)
-
-        def _load(self, checkpoint_uri: str) -> Any:
-            from memkd_ray.serving.models import load_served_model
-            from memkd_ray.storage.registry import fetch_checkpoint
-
-            directory = fetch_checkpoint(checkpoint_uri, options.storage)  # sha256 checked
-            return load_served_model(directory, options.backend, self.cache,
-                                     options.threads_per_batch)
-
-        async def warm(self) -> None:
-            await self.model(serve.get_multiplexed_model_id())
-
-        async def score(self, pixels: np.ndarray, want_map: bool) -> tuple[float, Any]:
-            score, anomaly_map, failure = await self._batched(
-                (serve.get_multiplexed_model_id(), pixels, want_map))
-            if failure:
-                raise RuntimeError(failure)
-            return score, anomaly_map
-
-        @serve.batch(max_batch_size=options.max_batch_size,
-                     batch_wait_timeout_s=options.batch_wait_s,
-                     max_concurrent_batches=options.concurrent_batches)
-        async def _batched(self, items: list[tuple[str, np.ndarray, bool]]
-                           ) -> list[tuple[float, Any, str]]:
-            # A batch may mix categories: one forward pass per model, and a model that fails
-            # to load fails its own requests only.
-            by_model: dict[str, list[int]] = defaultdict(list)
-            for index, (uri, _, _) in enumerate(items):
-                by_model[uri].append(index)
-            answers: list[tuple[float, Any, str]] = [(math.nan, None, "")] * len(items)
-            for uri, indices in by_model.items():
-                try:
-                    model = await self.model(uri)
-                    images = np.stack([items[i][1] for i in indices])
-                    maps, scores = await asyncio.to_thread(model.score, images)
-                except Exception as exc:
-                    for i in indices:
-                        answers[i] = (math.nan, None, one_line_reason(exc))
-                    continue
-                for row, i in enumerate(indices):
-                    answers[i] = (float(scores[row]), maps[row] if items[i][2] else None, "")
-            return answers
-
-    @serve.deployment(name="Gateway", max_ongoing_requests=256,
-                      graceful_shutdown_timeout_s=GRACE_S, ray_actor_options={"num_cpus": 0})
-    class Gateway:
-        def __init__(self, pool: Any) -> None:
-            self.pool = pool
             self.token = None
             if options.token_env:
                 self.token = os.environ.get(options.token_env)
                 if not self.token:
                     raise RuntimeError(f"{options.token_env} is not set on this node")
             self.served = registered_models(options)
+            self.cache = cache_root()
             self.following: asyncio.Task | None = None
+            if options.backend == "onnx":
+                # Exports take seconds per model: made in the background from the start, so
+                # that a category's first request finds its export ready.
+                threading.Thread(target=self._prepare_exports, daemon=True).start()
 
         async def __call__(self, request: Request) -> Response:
             if self.following is None:
@@ -218,8 +159,10 @@ def build_application(options: ServeOptions) -> Any:
             pixels = await asyncio.to_thread(request_image, body,
                                              request.headers.get("content-type"),
                                              served.image_size)
-            score, anomaly_map = await self.pool.options(
-                multiplexed_model_id=served.checkpoint_uri).score.remote(pixels, want_map)
+            score, anomaly_map, failure = await self._batched(
+                (served.checkpoint_uri, pixels, want_map))
+            if failure:
+                raise RuntimeError(failure)
             answer = score_answer(score, served)
             if want_map:
                 headers = {"X-Score": repr(answer["score"]),
@@ -228,9 +171,57 @@ def build_application(options: ServeOptions) -> Any:
                                 media_type="image/png")
             return JSONResponse(answer)
 
+        @serve.multiplexed(max_num_models_per_replica=options.models_per_replica)
+        async def model(self, checkpoint_uri: str) -> Any:
+            return await asyncio.to_thread(self._load, checkpoint_uri)
+
+        def _load(self, checkpoint_uri: str) -> Any:
+            from memkd_ray.serving.models import load_served_model
+            from memkd_ray.storage.registry import fetch_checkpoint
+
+            directory = fetch_checkpoint(checkpoint_uri, options.storage)  # sha256 checked
+            return load_served_model(directory, options.backend, self.cache,
+                                     options.threads_per_batch)
+
+        @serve.batch(max_batch_size=options.max_batch_size,
+                     batch_wait_timeout_s=options.batch_wait_s,
+                     max_concurrent_batches=options.concurrent_batches)
+        async def _batched(self, items: list[tuple[str, np.ndarray, bool]]
+                           ) -> list[tuple[float, Any, str]]:
+            # A batch may mix categories: one forward pass per model, and a model that fails
+            # to load fails its own requests only.
+            by_model: dict[str, list[int]] = defaultdict(list)
+            for index, (uri, _, _) in enumerate(items):
+                by_model[uri].append(index)
+            answers: list[tuple[float, Any, str]] = [(math.nan, None, "")] * len(items)
+            for uri, indices in by_model.items():
+                try:
+                    model = await self.model(uri)
+                    images = np.stack([items[i][1] for i in indices])
+                    maps, scores = await asyncio.to_thread(model.score, images)
+                except Exception as exc:
+                    for i in indices:
+                        answers[i] = (math.nan, None, one_line_reason(exc))
+                    continue
+                for row, i in enumerate(indices):
+                    answers[i] = (float(scores[row]), maps[row] if items[i][2] else None, "")
+            return answers
+
+        def _prepare_exports(self) -> None:
+            from memkd_ray.serving.models import onnx_export
+            from memkd_ray.storage.registry import fetch_checkpoint
+
+            for served in registered_models(options).values():
+                try:
+                    onnx_export(fetch_checkpoint(served.checkpoint_uri, options.storage),
+                                self.cache)
+                except Exception as exc:  # reported again, to the request, if it is asked for
+                    log.error("%s: not exported ahead (%s)", served.checkpoint_uri,
+                              one_line_reason(exc))
+
         async def _follow(self) -> None:
-            """Every `refresh_s`: switch each category whose best model moved, once the
-            pool has loaded (and so verified) the new one."""
+            """Every `refresh_s`: switch each category whose best model moved, once this
+            replica has loaded (and so verified) the new one."""
             while True:
                 await asyncio.sleep(options.refresh_s)
                 try:
@@ -243,8 +234,7 @@ def build_application(options: ServeOptions) -> Any:
                     if current is not None and current.checkpoint_uri == candidate.checkpoint_uri:
                         continue
                     try:
-                        await self.pool.options(
-                            multiplexed_model_id=candidate.checkpoint_uri).warm.remote()
+                        await self.model(candidate.checkpoint_uri)
                     except Exception as exc:
                         log.error("%s/%s: the new best model %s is not served (%s)", *key,
                                   candidate.checkpoint_uri, one_line_reason(exc))
@@ -252,7 +242,7 @@ def build_application(options: ServeOptions) -> Any:
                     log.info("%s/%s: now serving run %s", *key, candidate.identity["run_id"])
                     self.served[key] = candidate
 
-    return Gateway.bind(ModelPool.bind())
+    return ModelServer.bind()
 
 
 def app_builder(args: dict[str, Any]) -> Any:

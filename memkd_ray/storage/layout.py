@@ -29,18 +29,19 @@ import pyarrow.parquet as pq
 from memkd_ray.checkpoint_format import META_FILE, STATE_FILE, WEIGHTS_FILE, parse_checkpoint_meta
 from memkd_ray.decision import DECISION_RATE_KEYS
 from memkd_ray.errors import CheckpointError
-from memkd_ray.metrics import METRIC_KEYS
+from memkd_ray.metrics import METRIC_KEYS, RECALL_KEYS
 from memkd_ray.storage.base import NAME, Storage, StorageError, plain_name
 
 RESULTS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("benchmark", pa.string()), ("category", pa.string()),
     ("config_hash", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    *((key, pa.float64()) for key in (*METRIC_KEYS, *DECISION_RATE_KEYS)),
+    *((key, pa.float64()) for key in (*METRIC_KEYS, *DECISION_RATE_KEYS, *RECALL_KEYS)),
     ("epochs", pa.int64()), ("workers", pa.int64()), ("wall_seconds", pa.float64()),
     ("checkpoint_uri", pa.string()),
 ])
 """results.parquet: `status` is ok, failed (with `error`) or interrupted. The decision rates
-(decision.py) are NaN for a model without a decision; runs from before them lack the columns."""
+(decision.py) are NaN for a model without a decision, the memory recall errors (metrics.py) where
+a site has no memory or no image was held out; runs from before them lack those columns."""
 
 
 HISTORY_SCHEMA = pa.schema([
@@ -69,7 +70,8 @@ def tune_results_schema(params: list[str], validation: bool) -> pa.Schema:
 def results_row(run_id: str, benchmark: str, category: str, config_hash: str,
                 status: str, **values: Any) -> dict[str, Any]:
     """A results.parquet row; what `values` leaves out is empty (no metrics, no checkpoint)."""
-    empty = {"error": "", **dict.fromkeys((*METRIC_KEYS, *DECISION_RATE_KEYS), math.nan),
+    empty = {"error": "",
+             **dict.fromkeys((*METRIC_KEYS, *DECISION_RATE_KEYS, *RECALL_KEYS), math.nan),
              "epochs": 0, "workers": 0, "wall_seconds": 0.0, "checkpoint_uri": ""}
     unknown = set(values) - set(empty)
     if unknown:
