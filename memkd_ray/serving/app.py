@@ -125,7 +125,8 @@ def build_application(options: ServeOptions) -> Any:
             if options.backend == "onnx":
                 # Exports take seconds per model: made in the background from the start, so
                 # that a category's first request finds its export ready.
-                threading.Thread(target=self._prepare_exports, daemon=True).start()
+                threading.Thread(target=self._prepare_exports,
+                                 args=(list(self.served.values()),), daemon=True).start()
 
         async def __call__(self, request: Request) -> Response:
             if self.following is None:
@@ -207,11 +208,11 @@ def build_application(options: ServeOptions) -> Any:
                     answers[i] = (float(scores[row]), maps[row] if items[i][2] else None, "")
             return answers
 
-        def _prepare_exports(self) -> None:
+        def _prepare_exports(self, models: list[Served]) -> None:
             from memkd_ray.serving.models import onnx_export
             from memkd_ray.storage.registry import fetch_checkpoint
 
-            for served in registered_models(options).values():
+            for served in models:
                 try:
                     onnx_export(fetch_checkpoint(served.checkpoint_uri, options.storage),
                                 self.cache)
