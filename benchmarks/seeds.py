@@ -11,11 +11,16 @@ difference smaller than twice the larger of the two standard deviations is repor
     python benchmarks/seeds.py --config configs/photos.yaml --data-root DATA \\
         --category coins moon --seeds 0 1 2 \\
         --variant memkd --variant rd memory.enabled=false
+
+Runs made earlier (an interrupted study, several studies put side by side) are summarised
+without training with `--existing STORAGE [STORAGE ...]`: runs whose configurations differ
+only in `train.seed` form one variant, named by the keys where it differs from the first.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import subprocess
@@ -99,16 +104,59 @@ def train(args: argparse.Namespace, overrides: list[str], seed: int, storage: Pa
     return pq.read_table(run / "results.parquet").to_pylist()
 
 
+def dotted(config: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as {"section.key": value}."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def existing_runs(storages: list[Path]) -> dict[str, dict[int, list[dict]]]:
+    """Runs under `storages` that finished every category, grouped as `summarise` reads
+    them: by configuration apart from `train.seed` (and the data root), in run id order."""
+    groups: dict[str, dict[int, list[dict]]] = {}
+    first: dict[str, object] | None = None
+    keys: dict[tuple, str] = {}
+    runs = sorted((r for s in storages for r in (s / "runs").iterdir()
+                   if (r / "results.parquet").is_file()), key=lambda r: r.name)
+    for run in runs:
+        rows = pq.read_table(run / "results.parquet").to_pylist()
+        if any(row["status"] != "ok" for row in rows):  # interrupted or failed: left out
+            continue
+        spec = json.loads((run / "train_spec.json").read_text())
+        config = dotted(spec["config"])
+        seed = config.pop("train.seed")
+        config.pop("data.root")
+        first = config if first is None else first
+        key = tuple(sorted((k, repr(v)) for k, v in config.items()))
+        if key not in keys:
+            keys[key] = " ".join(f"{k}={v}" for k, v in config.items()
+                                 if v != first.get(k)) or "first"
+        groups.setdefault(keys[key], {})[seed] = rows
+    return groups
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--existing", nargs="+", type=Path,
+                        help="summarise the runs under these storage folders; train nothing")
+    parser.add_argument("--config")
+    parser.add_argument("--data-root")
     parser.add_argument("--category", nargs="+", default=["all"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                         help="a name and its overrides; repeat for each variant")
     parser.add_argument("--storage", help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
+    if args.existing:
+        print("\n".join(summarise(existing_runs(args.existing))))
+        return
+    if not (args.config and args.data_root):
+        parser.error("--config and --data-root are needed to train")
     variants = {name: overrides for name, *overrides in (args.variant or [["default"]])}
     with tempfile.TemporaryDirectory() as scratch:
         storage = Path(args.storage or scratch).resolve()

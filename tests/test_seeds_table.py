@@ -44,3 +44,32 @@ def test_table_per_category_and_overall():
     # The recall ratio: worst memory's error over its mean baseline; RD has none.
     assert "| b | 0.60 ± 0.14 | - | - |" in tables[2]
     assert seeds.recall_ratio(_row("a", 0.9, 1.0)) == pytest.approx(0.5)
+
+
+def test_existing_runs_group_by_config_apart_from_the_seed(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def run(name: str, seed: int, memory: bool, auroc: float, root: str,
+            status: str = "ok") -> None:
+        directory = tmp_path / "runs" / name
+        directory.mkdir(parents=True)
+        config = {"data": {"root": root}, "memory": {"enabled": memory},
+                  "train": {"seed": seed}}
+        (directory / "train_spec.json").write_text(json.dumps({"config": config}))
+        pq.write_table(pa.Table.from_pylist([{**_row("a", auroc), "status": status}]),
+                       directory / "results.parquet")
+
+    run("20261207-1", 0, True, 0.90, "/data")
+    run("20261207-2", 1, True, 0.92, "/elsewhere")  # another data root: the same variant
+    run("20261207-3", 0, False, 0.70, "/data")
+    run("20261207-4", 1, False, 0.72, "/data")
+    (tmp_path / "runs" / "20261207-5").mkdir()  # unfinished: no results, left out
+    run("20261207-6", 2, True, math.nan, "/data", status="interrupted")  # left out
+    groups = seeds.existing_runs([tmp_path])
+    assert list(groups) == ["first", "memory.enabled=False"]
+    assert {seed: rows[0]["image_auroc"] for seed, rows in groups["first"].items()} == {
+        0: 0.90, 1: 0.92}
+    assert "91.00 ± 1.41 | 71.00 ± 1.41 | -20.00" in "\n".join(seeds.summarise(groups))

@@ -3,6 +3,7 @@ overrides and validation (loading.py)."""
 
 from memkd_ray.config.loading import from_dict, get_dotted, load_config, set_dotted, validate
 from memkd_ray.config.schema import (
+    AUGMENTATIONS,
     MEMORY_SITES,
     DataConfig,
     DistributedConfig,
@@ -17,7 +18,8 @@ from memkd_ray.config.schema import (
 )
 
 __all__ = [
-    "MEMORY_SITES", "DataConfig", "DistributedConfig", "EvalConfig", "LossConfig", "MemKDConfig",
-    "MemoryConfig", "StudentConfig", "TeacherConfig", "TrainConfig", "TuneConfig",
+    "AUGMENTATIONS", "MEMORY_SITES", "DataConfig", "DistributedConfig", "EvalConfig",
+    "LossConfig", "MemKDConfig", "MemoryConfig", "StudentConfig", "TeacherConfig", "TrainConfig",
+    "TuneConfig",
     "from_dict", "get_dotted", "load_config", "set_dotted", "validate",
 ]

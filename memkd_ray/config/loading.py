@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from memkd_ray.config.schema import MemKDConfig
+from memkd_ray.config.schema import AUGMENTATIONS, MemKDConfig
 from memkd_ray.errors import ConfigError
 
 _CHOICES = {
@@ -41,16 +41,17 @@ _BOUNDS = (
         "eval.gaussian_sigma": 0, "distributed.gpus_per_worker": 0,
         "distributed.max_failures": 0, "distributed.max_concurrent_categories": 0,
         "distributed.placement_timeout_s": 0, "decision.holdout_fraction": 0,
-        "decision.min_holdout": 2}),
+        "decision.min_holdout": 2, "train.augment_jitter": 0}),
     (operator.gt, ">", dict.fromkeys((
         "memory.temperature", "memory.lr_scale", "student.width_ratio", "train.lr",
         "train.feature_cache_device_share", "distributed.cpus_per_worker",
-        "data.folder_test_fraction", "tune.validation_normal_fraction",
+        "train.augment_crop", "data.folder_test_fraction", "tune.validation_normal_fraction",
         "tune.validation_defect_fraction", "decision.target_fpr"), 0)),
-    (operator.le, "<=", {"data.eyecandies_light": 5, "train.feature_cache_device_share": 1}),
+    (operator.le, "<=", {"data.eyecandies_light": 5, "train.feature_cache_device_share": 1,
+                         "train.augment_crop": 1}),
     (operator.lt, "<", {"data.folder_test_fraction": 1, "tune.validation_normal_fraction": 0.5,
                         "tune.validation_defect_fraction": 0.5, "decision.target_fpr": 0.5,
-                        "decision.holdout_fraction": 0.5}),
+                        "decision.holdout_fraction": 0.5, "train.augment_jitter": 1}),
 )
 _LISTS = {  # key: (length, smallest item, what the list holds)
     "memory.items": (3, 0, "three non-negative item counts"),
@@ -78,6 +79,9 @@ def validate(cfg: MemKDConfig) -> MemKDConfig:
         items = get_dotted(raw, key)
         if len(items) != length or not all(math.isfinite(v) and v >= smallest for v in items):
             raise ConfigError(f"{key} must list {what}")
+    unknown = [name for name in cfg.train.augment if name not in AUGMENTATIONS]
+    if unknown:
+        raise ConfigError(f"train.augment: {unknown[0]!r} is not one of {', '.join(AUGMENTATIONS)}")
     if cfg.data.image_size < 32 or cfg.data.image_size % 32:
         raise ConfigError("data.image_size must be a multiple of 32, at least 32")
     if max(cfg.eval.stage_weights) <= 0:

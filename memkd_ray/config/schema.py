@@ -78,6 +78,12 @@ class MemoryConfig:
 # OCBE output, after decoder stage 1, after decoder stage 2.
 MEMORY_SITES = ("bottleneck", "decoder1", "decoder2")
 
+# What `train.augment` may list (data/augmentation.py): `crop`, a random square crop of at
+# least `train.augment_crop` of the side, resized back; `hflip`, `vflip`, mirrored with
+# probability 1/2; `rot90`, turned by 0, 90, 180 or 270 degrees; `jitter`, brightness,
+# contrast and saturation each scaled by a factor in 1 +- `train.augment_jitter`.
+AUGMENTATIONS = ("crop", "hflip", "vflip", "rot90", "jitter")
+
 
 @dataclass
 class LossConfig:
@@ -104,6 +110,16 @@ class TrainConfig:
     """`constant` (the paper's) or `cosine`: from `lr` at the first epoch towards 0 at the last,
     set once per epoch."""
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    augment: list[str] = field(default_factory=list)
+    """Augmentations of the training images (AUGMENTATIONS), drawn anew at every step for
+    each image of the batch; empty (the paper's) trains on the images as they are. With any,
+    the teacher's features of the batch are computed per step, not cached: a step costs one
+    more teacher pass per image. The exemplars (L_NM's normal images) stay as they are, from
+    the cache: augmenting them too would double that cost."""
+    augment_crop: float = 0.8
+    """`crop`: the smallest crop side, as a share of the image side (at most 1)."""
+    augment_jitter: float = 0.1
+    """`jitter`: the largest relative change of brightness, contrast and saturation."""
     exemplars: int = 16
     """N of the normality embedding learning: normal images drawn per step (Sec. 4.2)."""
     seed: int = 0

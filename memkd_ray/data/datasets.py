@@ -19,8 +19,9 @@ def load_training_images(samples: Sequence[Sample], size: int, workers: int = 0)
     """All training images as one uint8 tensor (N, 3, size, size), decoded by `workers`
     processes (0: in this one).
 
-    Without augmentation every epoch sees the same pixels, so decoding them once is cheaper
-    than a loader per epoch; at 256 px even VisA's largest category takes under 200 MB.
+    Every epoch starts from the same pixels (augmentation works on this tensor), so decoding
+    them once is cheaper than a loader per epoch; at 256 px even VisA's largest category
+    takes under 200 MB.
     """
     loader = DataLoader(DecodedImages(samples, size), batch_size=DECODE_BATCH,
                         num_workers=workers)

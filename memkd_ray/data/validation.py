@@ -53,18 +53,10 @@ def make_validation_split(
     for i in normal_idx:
         images.append(train[i].load_image(size))
         masks.append(np.zeros((size, size), np.uint8))
-    for n, i in enumerate(defect_idx):
-        image = train[i].load_image(size)
-        kind = DEFECT_KINDS[n % len(DEFECT_KINDS)]
-        if kind == "cutpaste":
-            donor = train[keep[rng.integers(len(keep))]].load_image(size)
-            image, mask = cut_paste(rng, image, donor)
-        else:
-            everywhere = Image.new("L", (size, size), 255)
-            defective_image, mask = draw_defect(rng, Image.fromarray(image), everywhere, kind)
-            image = np.asarray(defective_image)
-        images.append(image)
-        masks.append(mask)
+    defective_images, defect_masks = with_synthetic_defects(
+        [train[i].load_image(size) for i in defect_idx], [train[i] for i in keep], rng)
+    images += defective_images
+    masks += defect_masks
     return ValidationSplit(
         train=[train[i] for i in keep],
         sources=[train[i] for i in (*normal_idx, *defect_idx)],
@@ -72,6 +64,27 @@ def make_validation_split(
         masks=np.stack(masks),
         labels=np.array([0] * normal + [1] * defective),
     )
+
+
+def with_synthetic_defects(
+    images: list[np.ndarray], donors: list[Sample], rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(images, masks): each uint8 (S, S, 3) image with one synthetic defect, the kinds of
+    DEFECT_KINDS in turn; cut-paste patches come from random `donors`."""
+    defective, masks = [], []
+    for n, image in enumerate(images):
+        size = image.shape[0]
+        kind = DEFECT_KINDS[n % len(DEFECT_KINDS)]
+        if kind == "cutpaste":
+            donor = donors[rng.integers(len(donors))].load_image(size)
+            image, mask = cut_paste(rng, image, donor)
+        else:
+            everywhere = Image.new("L", (size, size), 255)
+            drawn, mask = draw_defect(rng, Image.fromarray(image), everywhere, kind)
+            image = np.asarray(drawn)
+        defective.append(image)
+        masks.append(mask)
+    return defective, masks
 
 
 def hold_out_normals(

@@ -213,8 +213,10 @@ def train_category(
         probe = RecallProbe.build(model, features,
                                   TrainingFeatures(model.teacher, held_out, device, "device"))
     objective = maybe_compile(workers.wrap(MemKDObjective(model, cfg)), cfg)
-    log.info("%s: %d training images, teacher feature cache %s, teacher in %s", name,
-             len(images), features.placement, str(features.precision).removeprefix("torch."))
+    log.info("%s: %d training images, teacher feature cache %s%s, teacher in %s", name,
+             len(images), features.placement,
+             f" (augmented steps: {', '.join(cfg.train.augment)})" if cfg.train.augment else "",
+             str(features.precision).removeprefix("torch."))
     stop = _StopCheck(should_stop)
     evaluation = None
     for epoch in range(state.epoch, cfg.train.epochs):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from memkd_ray.config import MemKDConfig
+from memkd_ray.data.augmentation import Augmentation
 from memkd_ray.data.datasets import to_float
 from memkd_ray.engine.devices import autocast, resolve_precision, teacher_device
 from memkd_ray.model.teacher import FEATURE_STRIDES, Teacher
@@ -17,9 +20,10 @@ CACHE_PLACEMENTS = ("device", "host", "off")
 class TrainingFeatures:
     """Teacher features of a category's training images, looked up by index.
 
-    The teacher is frozen and there is no augmentation, so its features of the training set
-    never change: with a cache they are computed once (the main training speed lever),
-    otherwise recomputed for every batch and every exemplar set. `cache` is a placement of
+    The teacher is frozen, so its features of the training images as they are never change:
+    with a cache they are computed once (the main training speed lever), otherwise recomputed
+    for every batch and every exemplar set. Augmented images (`augmented`) are new at every
+    step, so their features are always computed. `cache` is a placement of
     CACHE_PLACEMENTS, or a bool (True: on the device). `precision` is the autocast dtype of
     the teacher; a bfloat16 cache takes half the memory of a float32 one.
     """
@@ -49,9 +53,14 @@ class TrainingFeatures:
     def __len__(self) -> int:
         return len(self.images)
 
-    def _compute(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def _compute(self, images: torch.Tensor,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> list[torch.Tensor]:
+        inputs = to_float(images.to(self.device))
+        if transform is not None:
+            inputs = transform(inputs)
         with autocast(self.device, self.precision):
-            return self.teacher(to_float(images.to(self.device)))
+            return self.teacher(inputs)
 
     def _build_cache(self, batch_size: int) -> list[torch.Tensor]:
         # Filled chunk by chunk into preallocated tensors: the device never holds the
@@ -74,6 +83,12 @@ class TrainingFeatures:
             return [_gather_pinned(stage, indices).to(self.device, non_blocking=True)
                     for stage in self.cached]
         return [stage[indices.to(stage.device)] for stage in self.cached]
+
+    def augmented(self, indices: torch.Tensor, augmentation: Augmentation,
+                  generator: torch.Generator) -> list[torch.Tensor]:
+        """Features of the images at `indices`, each augmented by its own draw."""
+        images = self.images[indices.to(self.images.device)]
+        return self._compute(images, lambda inputs: augmentation(inputs, generator))
 
 
 def _layout(tensor: torch.Tensor) -> torch.memory_format:

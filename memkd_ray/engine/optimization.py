@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from memkd_ray.config import MemKDConfig
+from memkd_ray.data.augmentation import create_augmentation
 from memkd_ray.engine.devices import autocast, resolve_precision
 from memkd_ray.engine.features import TrainingFeatures
 from memkd_ray.model import MemKD
@@ -101,7 +102,8 @@ def train_one_epoch(
     generator: torch.Generator,
     objective: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """One pass over `batches` (index tensors); returns the mean of each loss term.
+    """One pass over `batches` (index tensors); returns the mean of each loss term. With
+    `train.augment`, every batch (not the exemplars) is augmented with draws from `generator`.
 
     `objective` computes the loss terms; by default `MemKDObjective(model)`, under
     distributed training the same wrapped for gradient synchronisation. The forward pass runs
@@ -110,12 +112,16 @@ def train_one_epoch(
     model.train()
     objective = objective if objective is not None else MemKDObjective(model, cfg)
     dtype = resolve_precision(cfg.train.precision, features.device)
+    augmentation = create_augmentation(cfg.train)
     steps = []
     for batch in batches:
         exemplars = None
         if model.needs_exemplars(cfg.loss.lambda_nm):
             exemplars = features(exemplar_indices(len(features), cfg.train.exemplars, generator))
-        teacher_features = features(batch)
+        if augmentation is None:
+            teacher_features = features(batch)
+        else:
+            teacher_features = features.augmented(batch, augmentation, generator)
         with autocast(features.device, dtype):
             terms = objective(teacher_features, exemplars)
         optimizer.zero_grad(set_to_none=True)
