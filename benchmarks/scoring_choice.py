@@ -26,7 +26,7 @@ import torch
 from seeds import compare, spread
 from sklearn.metrics import roc_auc_score
 
-from memkd_ray.checkpoint import load_model, read_checkpoint
+from memkd_ray.checkpoint import load_model
 from memkd_ray.config import get_dotted
 from memkd_ray.data import read_configured_category
 from memkd_ray.data.datasets import ArrayImages
@@ -67,9 +67,14 @@ def scored(maps: np.ndarray, normal: np.ndarray, scoring: tuple[str, int]) -> tu
     return maps, image_scores(torch.from_numpy(maps), top_k).numpy()
 
 
-def study(checkpoint: Path) -> dict:
+def study(checkpoint: Path, only: list[str]) -> dict | None:
+    """The four scorings of one checkpoint; None when its config fails an `only` filter."""
     model, saved = load_model(checkpoint)
     cfg = saved.config
+    raw = cfg.to_dict()
+    if not all(str(get_dotted(raw, k)).lower() == v.lower()
+               for k, v in (item.split("=", 1) for item in only)):
+        return None
     category = checkpoint.parent.name
     data = read_configured_category(cfg.data, category)
     train, held_out = decision_holdout(cfg, data.train, category)
@@ -110,7 +115,7 @@ def main() -> None:
                         help="key=value of the run config to keep, e.g. memory.enabled=true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = [study(c) for c in final_checkpoints(args.runs) if _kept(c, args.only)]
+    results = [r for c in final_checkpoints(args.runs) if (r := study(c, args.only))]
     categories = sorted({r["category"] for r in results})
     for metric, label in (("image_auroc", "I-AUROC"), ("pixel_aupro", "AU-PRO")):
         print(f"\n| {label} (mean ± sd over seeds) | run's own scoring | validation choice "
@@ -136,12 +141,6 @@ def _per_seed(rows: list[dict], which: str, metric: str, averaged: bool) -> list
         by_seed.setdefault(row["seed"], []).append(100 * row[which][metric])
     return [statistics.fmean(v) for v in by_seed.values()] if averaged else \
         [100 * row[which][metric] for row in rows]
-
-
-def _kept(checkpoint: Path, only: list[str]) -> bool:
-    raw = read_checkpoint(checkpoint).config.to_dict()
-    return all(str(get_dotted(raw, k)).lower() == v.lower()
-               for k, v in (item.split("=", 1) for item in only))
 
 
 if __name__ == "__main__":
