@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib.util
 import logging
 import math
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 from memkd_ray.errors import UserInputError
+
+# Stopping takes seconds; it has hung past two minutes inside Ray's shutdown on a loaded
+# machine. After this long the process ends anyway: a local Ray's processes share its fate.
+STOP_TIMEOUT_S = 30.0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -80,5 +87,28 @@ def _run(options: object, args: argparse.Namespace, count: int) -> int:
     except KeyboardInterrupt:
         print("memkd-ray: stopping the service", file=sys.stderr, flush=True)
     finally:
-        stop_service(joined=args.address is not None)
+        joined = args.address is not None
+        stop_within(lambda: stop_service(joined=joined), STOP_TIMEOUT_S, joined)
     return 0
+
+
+def stop_within(stop: Callable[[], None], timeout_s: float, joined: bool) -> None:
+    """Run `stop`; should the process not have ended `timeout_s` later (in `stop` or in the
+    interpreter's exit after it), end it from a watchdog thread: exit 0, or 1 when `stop` did
+    not finish on a joined cluster, where the application may be left running."""
+    stopped = threading.Event()
+
+    def end_now() -> None:
+        left = joined and not stopped.is_set()
+        what = ("the application may still run on the cluster: serve shutdown removes it"
+                if left else "what it started ends with it")
+        print(f"memkd-ray: the service did not stop within {timeout_s:g} s; exiting ({what}). "
+              "Where it waited, for a bug report:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(sys.stderr)
+        os._exit(1 if left else 0)
+
+    watchdog = threading.Timer(timeout_s, end_now)
+    watchdog.daemon = True
+    watchdog.start()
+    stop()
+    stopped.set()
