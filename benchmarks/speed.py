@@ -15,7 +15,7 @@ Timings only: WideResNet50 gets random weights (speed does not depend on them).
         efficientnet_lite2 --precisions fp32 --caches on --augment   # the offline teachers
 
 With `--augment`, a training row `augment` per model: every augmentation on, so the teacher
-runs at every step for the batch and the exemplars.
+runs at every step for the batch (the exemplars still come from the cache).
 """
 
 from __future__ import annotations
